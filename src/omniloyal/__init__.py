@@ -1,0 +1,3 @@
+"""Omniloyal: omnichannel loyalty and marketing automation for retailers."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,164 @@
+"""The ``omniloyal`` command line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from omniloyal.settings import Settings, get_settings
+
+app = typer.Typer(
+    help="Omniloyal: loyalty processing and marketing automation for retailers.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
+import_app = typer.Typer(help="Bulk imports (CSV or Parquet, streamed).", no_args_is_help=True)
+ledger_app = typer.Typer(help="Ledger jobs.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(import_app, name="import")
+app.add_typer(ledger_app, name="ledger")
+
+err = Console(stderr=True)
+
+
+def _db(settings: Settings):  # type: ignore[no-untyped-def]
+    from omniloyal.bootstrap import prepare
+    from omniloyal.db.engine import Database
+
+    db = Database(settings.database_url)
+    prepare(db, settings)
+    return db
+
+
+@app.command()
+def migrate() -> None:
+    """Apply database migrations (also done by `serve`)."""
+    settings = get_settings()
+    _db(settings)
+    err.print(f"[green]migrated[/green] {settings.database_url}")
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Interface to bind")] = None,
+    port: Annotated[int | None, typer.Option(help="Port")] = None,
+) -> None:
+    """Apply migrations, then serve the API (and its background jobs)."""
+    import uvicorn
+
+    from omniloyal.app import create_app
+
+    settings = get_settings()
+    db = _db(settings)
+    application = create_app(settings, db, run_jobs=True)
+    uvicorn.run(application, host=host or settings.host, port=port or settings.port, log_level="info")
+
+
+@keys_app.command("create")
+def keys_create(
+    role: Annotated[str, typer.Option(help="admin, marketer, operator, analyst, pos or client")],
+    store: Annotated[str | None, typer.Option(help="Store code (role pos)")] = None,
+    member: Annotated[int | None, typer.Option(help="Member id (role client)")] = None,
+    name: Annotated[str, typer.Option(help="A name to recognise the key by")] = "",
+) -> None:
+    """Create an API key and print only the key (so scripts can capture it)."""
+    from pydantic import ValidationError
+
+    from omniloyal.auth.schemas import KeyCreate
+    from omniloyal.auth.service import create_key
+    from omniloyal.kernel.errors import AppError
+
+    db = _db(get_settings())
+    try:
+        created = create_key(db, KeyCreate(role=role, store=store, member_id=member, name=name))
+    except ValidationError as exc:
+        err.print(f"[red]error:[/red] role {role!r}: {exc.errors()[0]['msg']}")
+        raise typer.Exit(2) from exc
+    except AppError as exc:
+        err.print(f"[red]error ({exc.code}):[/red] {exc.message}")
+        raise typer.Exit(2) from exc
+    sys.stdout.write(created.key + "\n")
+
+
+@app.command("demo-data")
+def demo_data(
+    members: Annotated[int, typer.Option(help="How many members to generate")] = 5000,
+    seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same retailer")] = 42,
+) -> None:
+    """Generate the demo retailer: stores, catalogue, members with cards and consents."""
+    from omniloyal.demo import generate
+
+    db = _db(get_settings())
+    generate(db, members=members, seed=seed)
+
+
+@app.command()
+def demo(
+    members: Annotated[int, typer.Option(help="Members to generate if the store is empty")] = 5000,
+    seed: Annotated[int, typer.Option(help="Random seed")] = 42,
+    host: Annotated[str | None, typer.Option()] = None,
+    port: Annotated[int | None, typer.Option()] = None,
+) -> None:
+    """Migrate, load the demo retailer if the store is empty, print an admin key, serve."""
+    import uvicorn
+    from sqlalchemy import func, select
+
+    from omniloyal.app import create_app
+    from omniloyal.auth.schemas import KeyCreate
+    from omniloyal.auth.service import create_key
+    from omniloyal.catalog.models import Store
+    from omniloyal.demo import generate
+
+    settings = get_settings()
+    db = _db(settings)
+    with db.reading() as session:
+        empty = not session.scalar(select(func.count()).select_from(Store))
+    if empty:
+        generate(db, members=members, seed=seed)
+    else:
+        err.print("store already holds a retailer: demo data not regenerated (delete ./data to start over)")
+    key = create_key(db, KeyCreate(role="admin", name="demo admin")).key
+    h, p = host or settings.host, port or settings.port
+    err.print(f"\n[bold]Admin API key:[/bold] {key}")
+    err.print(
+        f"API docs: http://{h}:{p}/docs   e.g. curl -H 'Authorization: Bearer {key}' "
+        f"http://{h}:{p}/api/v1/admin/stores\n"
+    )
+    uvicorn.run(create_app(settings, db, run_jobs=True), host=h, port=p, log_level="info")
+
+
+@import_app.command("members")
+def import_members(
+    file: Annotated[Path, typer.Argument(help="CSV or Parquet file of members", exists=True, dir_okay=False)],
+    report: Annotated[Path | None, typer.Option(help="Where to write the per-row error report (CSV)")] = None,
+    batch_size: Annotated[int, typer.Option(help="Rows per transaction")] = 5000,
+) -> None:
+    """Import members with cards and consents; idempotent by external id."""
+    from omniloyal.members.importer import import_members_file
+
+    db = _db(get_settings())
+    result = import_members_file(db, file, report_path=report, batch_size=batch_size, console=err)
+    if result.errors:
+        raise typer.Exit(1)
+
+
+@ledger_app.command("run-jobs")
+def ledger_jobs() -> None:
+    """Burn expired lots and record activations now (the server does this every minute)."""
+    from omniloyal.ledger.service import run_jobs
+
+    db = _db(get_settings())
+    run_jobs(db)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

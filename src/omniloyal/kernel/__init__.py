@@ -1,0 +1,1 @@
+"""The small shared vocabulary: errors, money, clock, pagination."""

@@ -1,0 +1,1 @@
+"""Currencies, accounts, bonus lots, double-entry postings, reservations."""

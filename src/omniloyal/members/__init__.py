@@ -1,0 +1,1 @@
+"""Members, their cards and identifiers, questionnaire, custom attributes and consents."""

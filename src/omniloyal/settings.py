@@ -1,0 +1,33 @@
+"""Settings from the environment (prefix ``OMNILOYAL_``); embedded stores by default."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OMNILOYAL_", extra="ignore")
+
+    database_url: str = "sqlite:///./data/omniloyal.db"
+    warehouse_url: str = "duckdb:///./data/warehouse.duckdb"
+    bus_url: str = "memory://"
+    # Region used to read phone numbers written without a country code ("8 912 ...").
+    default_phone_region: str = "RU"
+    default_currency: str = "bonus"
+    # Time zone of the retailer's head office: used where a member or store has none.
+    default_timezone: str = "Europe/Moscow"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # How often the embedded server runs the ledger jobs (expiry, activation records).
+    ledger_job_interval_seconds: int = Field(default=60, ge=1)
+    # Seconds an API key lookup is cached in-process (keys revoked take this long to stop working).
+    auth_cache_seconds: int = Field(default=30, ge=0)
+    require_services: bool = False
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
