@@ -1,0 +1,1 @@
+"""Offers: event + filters + actions, the pure engine, limits and counters."""
