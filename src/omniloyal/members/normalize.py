@@ -71,5 +71,7 @@ def normalize_email(raw: str, *, field: str = "email") -> str:
     try:
         result = validate_email(text, check_deliverability=False)
     except EmailNotValidError as exc:
-        raise InvalidContact("invalid_email", f"{raw!r} is not an e-mail address: {exc}", field=field) from exc
+        raise InvalidContact(
+            "invalid_email", f"{raw!r} is not an e-mail address: {exc}", field=field
+        ) from exc
     return result.normalized.lower()
