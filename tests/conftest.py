@@ -87,7 +87,7 @@ def postgres_database(settings_base: Settings) -> Iterator[Database]:
         if REQUIRE_SERVICES:
             pytest.fail(f"{reason} (OMNILOYAL_REQUIRE_SERVICES=1)")
         pytest.skip(reason)
-    name = f"omniloyal_test_{_worker()}"
+    name = f"omniloyal_test_{_worker()}_{os.getpid()}"
     db = Database(_create_postgres_database(name))
     prepare(db, settings_base)
     yield db

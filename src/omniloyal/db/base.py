@@ -25,3 +25,5 @@ def import_all_models() -> None:
     from omniloyal.catalog import models as _catalog  # noqa: F401
     from omniloyal.ledger import models as _ledger  # noqa: F401
     from omniloyal.members import models as _members  # noqa: F401
+    from omniloyal.offers import models as _offers  # noqa: F401
+    from omniloyal.processing import models as _processing  # noqa: F401

@@ -60,7 +60,7 @@ class Amount(TypeDecorator[Decimal]):
         return Decimal
 
     def __repr__(self) -> str:  # what Alembic autogenerate writes into migrations
-        return f"omniloyal.db.types.Amount({self.scale})"
+        return f"Amount({self.scale})"
 
 
 class UTCDateTime(TypeDecorator[datetime]):

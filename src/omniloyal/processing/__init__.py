@@ -1,0 +1,1 @@
+"""The POS API: calculate, confirm, cancel, refund, balance, offline cheques."""
