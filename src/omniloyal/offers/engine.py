@@ -135,6 +135,8 @@ class Cheque:
     member: MemberFacts | None = None
     write_off_currency: str | None = None
     write_off_amount: Decimal = ZERO
+    # Offers whose budget the caller found spent (budgets change with every purchase).
+    exhausted_offers: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +150,7 @@ class MemberEvent:
     channel: str | None = None
     store_attributes: Mapping[str, Any] = field(default_factory=dict)
     properties: Mapping[str, Any] = field(default_factory=dict)
+    exhausted_offers: frozenset[int] = frozenset()
 
 
 # ---------------------------------------------------------------------------- results
@@ -234,6 +237,7 @@ class _Context:
     member: MemberFacts | None
     payments: tuple[Payment, ...]
     cheque_amount: Decimal
+    exhausted_offers: frozenset[int] = frozenset()
 
 
 def _as_set(values: Iterable[Any]) -> frozenset[str]:
@@ -559,7 +563,9 @@ class _CompiledChain:
             and ctx.member.offer_uses.get(offer.id, 0) >= offer.max_uses_per_member
         ):
             return f"member already used this offer {offer.max_uses_per_member} time(s)"
-        if offer.budget_remaining is not None and offer.budget_remaining <= 0:
+        if (
+            offer.budget_remaining is not None and offer.budget_remaining <= 0
+        ) or offer.id in ctx.exhausted_offers:
             return "offer budget spent"
         for name, check in self.checks:
             reason = check(ctx)
@@ -678,6 +684,7 @@ def _context_of(cheque: Cheque) -> _Context:
         member=cheque.member,
         payments=cheque.payments,
         cheque_amount=sum((line.amount for line in cheque.lines), ZERO),
+        exhausted_offers=cheque.exhausted_offers,
     )
 
 
@@ -1014,7 +1021,14 @@ def evaluate_member_event(snapshot: Snapshot, event: MemberEvent, *, explain: bo
     """Points and messages for a member event (no cheque)."""
     result = Result(lines=[])
     ctx = _Context(
-        event.local_time, event.store_code, event.channel, event.store_attributes, event.member, (), ZERO
+        event.local_time,
+        event.store_code,
+        event.channel,
+        event.store_attributes,
+        event.member,
+        (),
+        ZERO,
+        event.exhausted_offers,
     )
     for chain in snapshot.by_event.get(event.event, ()):
         reason = chain.failed_check(ctx)

@@ -76,6 +76,8 @@ class TargetAudienceMember(Base):
     __tablename__ = "target_audience_members"
     __table_args__ = (Index("ix_target_audience_members_member", "member_id"),)
 
-    audience_id: Mapped[int] = mapped_column(ForeignKey("target_audiences.id", ondelete="CASCADE"), primary_key=True)
+    audience_id: Mapped[int] = mapped_column(
+        ForeignKey("target_audiences.id", ondelete="CASCADE"), primary_key=True
+    )
     member_id: Mapped[int] = mapped_column(ForeignKey("members.id"), primary_key=True)
     added_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

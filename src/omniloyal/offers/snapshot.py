@@ -1,0 +1,251 @@
+"""Reads what the pure engine needs from the operational store.
+
+* the active offers, compiled once into an engine ``Snapshot`` and rebuilt only when an offer
+  changes (a cheap ``count/max(updated_at)`` fingerprint is checked per request, so every
+  process sees a marketer's change at its next cheque);
+* per cheque line: the product's category path, brand and product groups (explicit and rule
+  groups; the rule groups are cached with their own fingerprint);
+* per member: target audiences, how often each offer applied to them, spent budgets.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from omniloyal.catalog.groups import rule_matches
+from omniloyal.catalog.models import Category, Product, ProductGroup, ProductGroupItem
+from omniloyal.ledger.models import Currency
+from omniloyal.offers import engine
+from omniloyal.offers.models import Offer, OfferUse, TargetAudience, TargetAudienceMember
+
+
+def rules_of(items: Iterable[Mapping[str, Any]]) -> tuple[engine.Rule, ...]:
+    """``{"type": "stores", "attribute": ...}`` → ``Rule("stores", {"attribute": ...})``."""
+    return tuple(
+        engine.Rule(str(item["type"]), {k: v for k, v in item.items() if k != "type"}) for item in items
+    )
+
+
+def to_engine_offer(row: Offer) -> engine.Offer:
+    chains = tuple(
+        engine.Chain(
+            str(chain["event"]), rules_of(chain.get("filters", ())), rules_of(chain.get("actions", ()))
+        )
+        for chain in row.chains
+    )
+    return engine.Offer(
+        id=row.id,
+        name=row.name,
+        chains=chains,
+        priority=row.priority,
+        summable=row.summable,
+        starts_at=row.starts_at,
+        ends_at=row.ends_at,
+        max_uses_per_member=row.max_uses_per_member,
+    )
+
+
+@dataclass(slots=True)
+class _Cached:
+    fingerprint: tuple[Any, ...]
+    value: Any
+
+
+class _Cache:
+    def __init__(self) -> None:
+        self._items: dict[tuple[str, str], _Cached] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str], fingerprint: tuple[Any, ...]) -> Any | None:
+        with self._lock:
+            item = self._items.get(key)
+        return item.value if item is not None and item.fingerprint == fingerprint else None
+
+    def put(self, key: tuple[str, str], fingerprint: tuple[Any, ...], value: Any) -> None:
+        with self._lock:
+            self._items[key] = _Cached(fingerprint, value)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+_cache = _Cache()
+
+
+def clear_cache() -> None:
+    _cache.clear()
+
+
+def _db_key(session: Session) -> str:
+    # One cache per database: tests (and tools) may hold several in one process.
+    return str(session.get_bind().engine.url.render_as_string(hide_password=True))
+
+
+def active_snapshot(session: Session, default_currency: str = "bonus") -> engine.Snapshot:
+    """The compiled snapshot of active offers (cached until an offer or currency changes)."""
+    fingerprint = tuple(
+        session.execute(
+            select(func.count(Offer.id), func.max(Offer.updated_at), func.sum(Offer.id)).where(
+                Offer.status == "active"
+            )
+        ).one()
+    ) + tuple(session.execute(select(func.count(Currency.code), func.max(Currency.created_at))).one())
+    key = (_db_key(session), "offers")
+    cached = _cache.get(key, fingerprint)
+    if cached is not None:
+        return cached
+    rows = session.scalars(select(Offer).where(Offer.status == "active").order_by(Offer.id)).all()
+    precision = {code: places for code, places in session.execute(select(Currency.code, Currency.precision))}
+    snapshot = engine.Snapshot.build(
+        [to_engine_offer(row) for row in rows],
+        currency_precision=precision,
+        default_currency=default_currency,
+    )
+    _cache.put(key, fingerprint, snapshot)
+    return snapshot
+
+
+@dataclass(frozen=True, slots=True)
+class ProductFacts:
+    sku: str
+    known: bool
+    category_path: str | None = None
+    brand: str | None = None
+    groups: frozenset[str] = frozenset()
+
+
+def _rule_groups(session: Session) -> list[tuple[str, dict[str, Any]]]:
+    fingerprint = tuple(
+        session.execute(
+            select(func.count(ProductGroup.id), func.max(ProductGroup.updated_at)).where(
+                ProductGroup.kind == "rule"
+            )
+        ).one()
+    )
+    key = (_db_key(session), "rule_groups")
+    cached = _cache.get(key, fingerprint)
+    if cached is not None:
+        return cached
+    groups = [
+        (code, rule or {})
+        for code, rule in session.execute(
+            select(ProductGroup.code, ProductGroup.rule)
+            .where(ProductGroup.kind == "rule")
+            .order_by(ProductGroup.id)
+        )
+    ]
+    _cache.put(key, fingerprint, groups)
+    return groups
+
+
+def product_facts(session: Session, skus: Iterable[str]) -> dict[str, ProductFacts]:
+    """Category, brand and groups of each sku (unknown skus get empty facts: they still sell)."""
+    wanted = sorted(set(skus))
+    facts: dict[str, ProductFacts] = {sku: ProductFacts(sku, False) for sku in wanted}
+    if not wanted:
+        return facts
+    rows = session.execute(
+        select(Product.id, Product.sku, Product.brand, Product.attributes, Category.path)
+        .outerjoin(Category, Category.id == Product.category_id)
+        .where(Product.sku.in_(wanted))
+    ).all()
+    ids = {row.id: row.sku for row in rows}
+    explicit: dict[str, set[str]] = {}
+    if ids:
+        for product_id, code in session.execute(
+            select(ProductGroupItem.product_id, ProductGroup.code)
+            .join(ProductGroup, ProductGroup.id == ProductGroupItem.group_id)
+            .where(ProductGroupItem.product_id.in_(list(ids)))
+        ):
+            explicit.setdefault(ids[product_id], set()).add(code)
+    rule_groups = _rule_groups(session)
+    for row in rows:
+        groups = set(explicit.get(row.sku, ()))
+        for code, rule in rule_groups:
+            if rule_matches(rule, row.sku, row.path, row.brand, row.attributes or {}):
+                groups.add(code)
+        facts[row.sku] = ProductFacts(row.sku, True, row.path, row.brand, frozenset(groups))
+    return facts
+
+
+def member_audiences(session: Session, member_id: int) -> frozenset[str]:
+    return frozenset(
+        session.scalars(
+            select(TargetAudience.code)
+            .join(TargetAudienceMember, TargetAudienceMember.audience_id == TargetAudience.id)
+            .where(TargetAudienceMember.member_id == member_id)
+        )
+    )
+
+
+def member_offer_uses(session: Session, member_id: int) -> dict[int, int]:
+    return {
+        offer_id: uses
+        for offer_id, uses in session.execute(
+            select(OfferUse.offer_id, OfferUse.uses).where(OfferUse.member_id == member_id)
+        )
+    }
+
+
+def exhausted_offers(session: Session) -> frozenset[int]:
+    """Active offers whose points or money budget is spent (read fresh: it moves with every purchase)."""
+    rows = session.execute(
+        select(
+            Offer.id, Offer.budget_points, Offer.spent_points, Offer.budget_money, Offer.spent_money
+        ).where(
+            Offer.status == "active", (Offer.budget_points.is_not(None)) | (Offer.budget_money.is_not(None))
+        )
+    ).all()
+    spent: set[int] = set()
+    for offer_id, budget_points, spent_points, budget_money, spent_money in rows:
+        if (budget_points is not None and spent_points >= budget_points) or (
+            budget_money is not None and spent_money >= budget_money
+        ):
+            spent.add(offer_id)
+    return frozenset(spent)
+
+
+def record_use(
+    session: Session,
+    *,
+    offer_ids: Iterable[int],
+    member_id: int | None,
+    points: Mapping[int, Decimal],
+    money: Mapping[int, Decimal],
+) -> None:
+    """Counts a confirmed application: per-member uses and the offer's spent budget."""
+    for offer_id in sorted(set(offer_ids)):
+        if member_id is not None:
+            use = session.get(OfferUse, (offer_id, member_id))
+            if use is None:
+                session.add(OfferUse(offer_id=offer_id, member_id=member_id, uses=1))
+            else:
+                use.uses += 1
+        spent_points = points.get(offer_id, Decimal(0))
+        spent_money = money.get(offer_id, Decimal(0))
+        if spent_points or spent_money:
+            # Keep updated_at as it is: budgets moving must not rebuild every process's snapshot.
+            session.execute(
+                update(Offer)
+                .where(Offer.id == offer_id)
+                .values(
+                    spent_points=Offer.spent_points + spent_points,
+                    spent_money=Offer.spent_money + spent_money,
+                    updated_at=Offer.updated_at,
+                )
+            )
+
+
+def local_now(moment: datetime, timezone: str) -> datetime:
+    from zoneinfo import ZoneInfo
+
+    return engine.local_time(moment, ZoneInfo(timezone))
