@@ -6,7 +6,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Boolean, Float, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy import Boolean, Float, ForeignKey, Index, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from omniloyal.db.base import Base
@@ -20,6 +20,16 @@ class LegalEntity(Base):
     """A financial unit of the retailer; its emission account per currency funds the points it issues."""
 
     __tablename__ = "legal_entities"
+    # At most one default, even under concurrent changes.
+    __table_args__ = (
+        Index(
+            "uq_legal_entities_one_default",
+            "is_default",
+            unique=True,
+            sqlite_where=text("is_default"),
+            postgresql_where=text("is_default"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     code: Mapped[str] = mapped_column(String(64), unique=True)
@@ -118,7 +128,10 @@ class ProductGroupItem(Base):
     group_id: Mapped[int] = mapped_column(
         ForeignKey("product_groups.id", ondelete="CASCADE"), primary_key=True
     )
-    product_id: Mapped[int] = mapped_column(ForeignKey("products.id", ondelete="CASCADE"), primary_key=True)
+    # Indexed for "which groups is this cheque line in".
+    product_id: Mapped[int] = mapped_column(
+        ForeignKey("products.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
 
 
 class Stock(Base):

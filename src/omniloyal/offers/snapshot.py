@@ -3,8 +3,7 @@
 * the active offers, compiled once into an engine ``Snapshot`` and rebuilt only when an offer
   changes (a cheap ``count/max(updated_at)`` fingerprint is checked per request, so every
   process sees a marketer's change at its next cheque);
-* per cheque line: the product's category path, brand and product groups (explicit and rule
-  groups; the rule groups are cached with their own fingerprint);
+* (a cheque line's category, brand and groups come from ``catalog.service.product_facts``);
 * per member: target audiences, how often each offer applied to them, spent budgets.
 """
 
@@ -20,8 +19,6 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from omniloyal.catalog.groups import rule_matches
-from omniloyal.catalog.models import Category, Product, ProductGroup, ProductGroupItem
 from omniloyal.ledger.models import Currency
 from omniloyal.offers import engine
 from omniloyal.offers.models import Offer, OfferUse, TargetAudience, TargetAudienceMember
@@ -112,69 +109,6 @@ def active_snapshot(session: Session, default_currency: str = "bonus") -> engine
     )
     _cache.put(key, fingerprint, snapshot)
     return snapshot
-
-
-@dataclass(frozen=True, slots=True)
-class ProductFacts:
-    sku: str
-    known: bool
-    category_path: str | None = None
-    brand: str | None = None
-    groups: frozenset[str] = frozenset()
-
-
-def _rule_groups(session: Session) -> list[tuple[str, dict[str, Any]]]:
-    fingerprint = tuple(
-        session.execute(
-            select(func.count(ProductGroup.id), func.max(ProductGroup.updated_at)).where(
-                ProductGroup.kind == "rule"
-            )
-        ).one()
-    )
-    key = (_db_key(session), "rule_groups")
-    cached = _cache.get(key, fingerprint)
-    if cached is not None:
-        return cached
-    groups = [
-        (code, rule or {})
-        for code, rule in session.execute(
-            select(ProductGroup.code, ProductGroup.rule)
-            .where(ProductGroup.kind == "rule")
-            .order_by(ProductGroup.id)
-        )
-    ]
-    _cache.put(key, fingerprint, groups)
-    return groups
-
-
-def product_facts(session: Session, skus: Iterable[str]) -> dict[str, ProductFacts]:
-    """Category, brand and groups of each sku (unknown skus get empty facts: they still sell)."""
-    wanted = sorted(set(skus))
-    facts: dict[str, ProductFacts] = {sku: ProductFacts(sku, False) for sku in wanted}
-    if not wanted:
-        return facts
-    rows = session.execute(
-        select(Product.id, Product.sku, Product.brand, Product.attributes, Category.path)
-        .outerjoin(Category, Category.id == Product.category_id)
-        .where(Product.sku.in_(wanted))
-    ).all()
-    ids = {row.id: row.sku for row in rows}
-    explicit: dict[str, set[str]] = {}
-    if ids:
-        for product_id, code in session.execute(
-            select(ProductGroupItem.product_id, ProductGroup.code)
-            .join(ProductGroup, ProductGroup.id == ProductGroupItem.group_id)
-            .where(ProductGroupItem.product_id.in_(list(ids)))
-        ):
-            explicit.setdefault(ids[product_id], set()).add(code)
-    rule_groups = _rule_groups(session)
-    for row in rows:
-        groups = set(explicit.get(row.sku, ()))
-        for code, rule in rule_groups:
-            if rule_matches(rule, row.sku, row.path, row.brand, row.attributes or {}):
-                groups.add(code)
-        facts[row.sku] = ProductFacts(row.sku, True, row.path, row.brand, frozenset(groups))
-    return facts
 
 
 def member_audiences(session: Session, member_id: int) -> frozenset[str]:
