@@ -20,6 +20,7 @@ without a cheque (:func:`evaluate_member_event`).
 from __future__ import annotations
 
 import string
+from bisect import bisect_right
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
@@ -517,25 +518,151 @@ def _check_event_properties(params: Mapping[str, Any], properties: Mapping[str, 
     return None
 
 
-class _CompiledChain:
+# ---------------------------------------------------------------------------- compiled offers
+
+# Filters whose verdict depends only on the store, the channel and the local date and time: it is
+# decided once per such context and cached (see _Index.plans_for). The other filters read the member
+# or the cheque and run per calculation (each distinct one once, see _applies).
+_CONTEXT_FILTERS = frozenset({"stores", "channel", "days_of_week", "time_of_day", "dates"})
+# Action types each purchase phase reads (others on a chain of that event are ignored, as always).
+_PHASE_ACTIONS = {
+    "discount_calculation": frozenset({"discount", "set_min_price"}),
+    "write_off": frozenset({"write_off_rule"}),
+    "bonus_calculation": frozenset({"bonus", "extra_bonus"}),
+}
+# Up to this many significant digits a percentage ``v`` gives exactly the same amounts as
+# ``x * v / 100`` when computed as ``x * (v / 100)`` (no rounding at 28 digits for x below 10^12).
+_EXACT_DIGITS = 14
+
+
+def _dec(value: Any) -> Decimal:
+    return Decimal(str(value))
+
+
+def _check_key(rule: Rule) -> str:
+    """Identical filters (same type and parameters) are evaluated once per cheque."""
+    try:
+        params = repr(sorted(rule.params.items()))
+    except TypeError:
+        params = repr(rule.params)
+    return f"{rule.type}:{params}"
+
+
+class _Action:
+    """An action whose parameters are read once per snapshot: the hot loops never parse ``params``."""
+
     __slots__ = (
-        "_line_cache",
-        "actions",
-        "chain_no",
-        "checks",
-        "event",
-        "event_property_filters",
-        "offer",
-        "product_filters",
-        "weight",
+        "currency",
+        "delay",
+        "exact",
+        "exclude_groups",
+        "factor",
+        "kind",
+        "legal_entity",
+        "lifetime",
+        "memo",
+        "percent_of_price",
+        "points",
+        "price",
+        "quantum",
+        "type",
+        "value",
     )
 
-    def __init__(self, offer: Offer, chain_no: int, chain: Chain) -> None:
+    def __init__(self, rule: Rule, default_currency: str, precision: Mapping[str, int]) -> None:
+        p = rule.params
+        self.type = rule.type
+        self.kind: Any = p.get("kind", "percent")
+        self.value = ZERO
+        self.price: Decimal | None = None
+        self.percent_of_price = ZERO
+        self.exclude_groups: frozenset[str] = frozenset()
+        self.currency = str(p.get("currency", default_currency))
+        self.quantum = Decimal(1).scaleb(-precision.get(self.currency, 2))
+        self.delay = 0
+        self.lifetime: int | None = None
+        self.legal_entity: str | None = None
+        self.points = ZERO
+        if rule.type == "set_min_price":
+            if "price" in p:
+                self.price = _dec(p["price"])
+            else:
+                self.percent_of_price = _dec(p["percent_of_price"])
+        elif rule.type == "write_off_rule":
+            self.value = _dec(p.get("max_percent", 100))  # the share of a line points may pay
+            self.exclude_groups = _as_set(p.get("exclude_groups", ()))
+        else:  # discount, bonus, extra_bonus
+            self.value = _dec(p["value"])
+            self.delay = int(p.get("activation_delay_days", 0) or 0)
+            lifetime = p.get("lifetime_days")
+            self.lifetime = int(lifetime) if lifetime is not None else None
+            self.legal_entity = str(p["legal_entity"]) if p.get("legal_entity") else None
+            if rule.type != "discount":
+                # What a fixed bonus or an extra bonus gives: rounded down to the currency's precision.
+                self.points = self.value.quantize(self.quantum, ROUND_DOWN)
+        self.factor = self.value / HUNDRED
+        self.exact = len(self.value.as_tuple().digits) <= _EXACT_DIGITS
+        # Actions giving every line the same cap or points share one number (set by _Index), so
+        # each is computed once per cheque and reused for benefits and by every chain.
+        self.memo = -1
+
+    def line_values_key(self) -> tuple[Any, ...]:
+        # Strings, not Decimals: 5 == 5.0, but only the same spelling is the same computation.
+        return (self.type, self.kind, str(self.value), str(self.quantum), self.exclude_groups)
+
+
+class _CompiledChain:
+    __slots__ = (
+        "actions",
+        "bonus_actions",
+        "cashier_texts",
+        "chain_no",
+        "checks",
+        "cheque_texts",
+        "context_checks",
+        "context_rules",
+        "discount_actions",
+        "error",
+        "event",
+        "event_property_filters",
+        "floor_actions",
+        "guarded",
+        "max_uses",
+        "member_checks",
+        "offer",
+        "offer_id",
+        "priority",
+        "product_filters",
+        "product_no",
+        "quantity_filters",
+        "sole",
+        "summable",
+        "weight",
+        "write_off_actions",
+    )
+
+    def __init__(
+        self,
+        offer: Offer,
+        chain_no: int,
+        chain: Chain,
+        default_currency: str = "bonus",
+        currency_precision: Mapping[str, int] | None = None,
+    ) -> None:
         self.offer = offer
+        self.offer_id = offer.id
+        self.priority = offer.priority
+        self.summable = offer.summable
+        self.max_uses = offer.max_uses_per_member
         self.chain_no = chain_no
         self.event = chain.event
         self.actions = chain.actions
+        # Every cheque-level filter in declaration order (explanations name the first that fails)...
         self.checks: list[tuple[str, Check]] = []
+        # ...split into those decided by the store/channel/time context and those read per cheque.
+        self.context_checks: list[Check] = []
+        self.context_rules: list[Rule] = []
+        self.member_checks: list[tuple[str, Check]] = []
         self.product_filters: list[_ProductFilter] = []
         self.event_property_filters: list[Mapping[str, Any]] = []
         for rule in chain.filters:
@@ -547,9 +674,50 @@ class _CompiledChain:
                 check = _compile_check(rule)
                 if check is not None:
                     self.checks.append((rule.type, check))
+                    if rule.type in _CONTEXT_FILTERS:
+                        self.context_checks.append(check)
+                        self.context_rules.append(rule)
+                    else:
+                        self.member_checks.append((_check_key(rule), check))
+        self.quantity_filters = [
+            f
+            for f in self.product_filters
+            if f.min_quantity is not None or f.max_quantity is not None or f.min_amount is not None
+        ]
+        self.product_no = -1  # position among the snapshot's product-filtered chains (set by _Index)
+        self.sole = False  # the offer's only chain: it can list the offer on a line once (set by _Index)
         self.weight = max((_WEIGHTS.get(a.type, 0) for a in chain.actions), default=0)
-        # Whether a sku passes the product filters never changes within a snapshot.
-        self._line_cache: dict[str, bool] = {}
+        self.cheque_texts = tuple(
+            str(a.params.get("text", "")) for a in chain.actions if a.type == "cheque_message"
+        )
+        self.cashier_texts = tuple(
+            str(a.params.get("text", "")) for a in chain.actions if a.type == "cashier_message"
+        )
+        self.discount_actions: list[_Action] = []
+        self.floor_actions: list[_Action] = []
+        self.write_off_actions: list[_Action] = []
+        self.bonus_actions: list[_Action] = []
+        # A malformed action fails the cheques the chain would apply to, not the whole snapshot.
+        self.error: Exception | None = None
+        wanted = _PHASE_ACTIONS.get(chain.event, frozenset())
+        try:
+            for rule in chain.actions:
+                if rule.type in wanted:
+                    action = _Action(rule, default_currency, currency_precision or {default_currency: 2})
+                    if rule.type == "discount":
+                        self.discount_actions.append(action)
+                    elif rule.type == "set_min_price":
+                        self.floor_actions.append(action)
+                    elif rule.type == "write_off_rule":
+                        self.write_off_actions.append(action)
+                    else:
+                        self.bonus_actions.append(action)
+        except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
+            self.error = exc
+        # Whether applying needs more than the context plan and the product index (see _applies).
+        self.guarded = bool(
+            self.member_checks or self.max_uses is not None or self.quantity_filters or self.error is not None
+        )
 
     def failed_check(self, ctx: _Context) -> str | None:
         offer = self.offer
@@ -573,32 +741,185 @@ class _CompiledChain:
                 return f"filter {name}: {reason}"
         return None
 
-    def eligible_lines(self, lines: Sequence[Line]) -> tuple[list[int], str | None]:
-        """Indexes of lines the chain touches, or why none qualifies."""
-        if not self.product_filters:
-            return list(range(len(lines))), None
-        cache = self._line_cache
-        chosen: list[int] = []
-        for index, line in enumerate(lines):
-            ok = cache.get(line.sku)
-            if ok is None:
-                ok = all(f.matches(line) for f in self.product_filters)
-                if line.groups or line.category_path:
-                    cache[line.sku] = ok
-            if ok:
-                chosen.append(index)
-        if not chosen:
-            return chosen, "filter products: no line matches"
-        for f in self.product_filters:
-            quantity = sum((lines[i].quantity for i in chosen), ZERO)
-            amount = sum((lines[i].amount for i in chosen), ZERO)
-            if f.min_quantity is not None and quantity < f.min_quantity:
-                return [], f"filter products: quantity {quantity} below {f.min_quantity}"
-            if f.max_quantity is not None and quantity > f.max_quantity:
-                return [], f"filter products: quantity {quantity} above {f.max_quantity}"
-            if f.min_amount is not None and amount < f.min_amount:
-                return [], f"filter products: amount {amount} below {f.min_amount}"
-        return chosen, None
+    def passes_context(self, ctx: _Context) -> bool:
+        """The part of :meth:`failed_check` that only depends on the store, channel and local time."""
+        offer = self.offer
+        if offer.starts_at is not None and ctx.local_time < offer.starts_at:
+            return False
+        if offer.ends_at is not None and ctx.local_time >= offer.ends_at:
+            return False
+        if offer.budget_remaining is not None and offer.budget_remaining <= 0:
+            return False
+        return all(check(ctx) is None for check in self.context_checks)
+
+
+def _quantity_failure(chain: _CompiledChain, lines: Sequence[Line], chosen: list[int]) -> str | None:
+    for f in chain.quantity_filters:
+        quantity = sum((lines[i].quantity for i in chosen), ZERO)
+        amount = sum((lines[i].amount for i in chosen), ZERO)
+        if f.min_quantity is not None and quantity < f.min_quantity:
+            return f"filter products: quantity {quantity} below {f.min_quantity}"
+        if f.max_quantity is not None and quantity > f.max_quantity:
+            return f"filter products: quantity {quantity} above {f.max_quantity}"
+        if f.min_amount is not None and amount < f.min_amount:
+            return f"filter products: amount {amount} below {f.min_amount}"
+    return None
+
+
+class _EventPlan:
+    """The chains of one purchase event that pass the context filters, in evaluation order."""
+
+    __slots__ = ("groups", "summable")
+
+    def __init__(
+        self, groups: tuple[tuple[_CompiledChain, ...], ...], summable: tuple[_CompiledChain, ...]
+    ) -> None:
+        # Non-summable chains in groups of equal (priority, weight), best group first, each by offer id.
+        self.groups = groups
+        self.summable = summable
+
+
+_Plans = dict[str, _EventPlan]
+_MAX_PLANS = 4096  # contexts (store x channel x day x time slice) kept per snapshot
+_MAX_PRODUCTS = 200_000  # products whose matching chains are kept per snapshot
+
+
+class _Index:
+    """Snapshot-wide lookups that let a cheque visit only the chains that can apply to it.
+
+    * ``plans``: per context (store code and the store attributes filters read, channel, local date
+      and the slice of the day between two filter boundaries) the chains passing the context filters;
+    * ``products``: per product (sku, groups, category, brand) the product-filtered chains it matches.
+    Both are plain dicts filled on first use; concurrent fills compute the same value (GIL-safe).
+    """
+
+    __slots__ = (
+        "attribute_names",
+        "boundaries",
+        "by_event",
+        "non_summable",
+        "plans",
+        "product_chains",
+        "products",
+        "uses_channel",
+        "uses_date",
+        "uses_store_code",
+    )
+
+    def __init__(self, by_event: Mapping[str, list[_CompiledChain]]) -> None:
+        self.by_event = by_event
+        self.non_summable = {
+            event: sorted(
+                (c for c in by_event.get(event, ()) if not c.summable),
+                key=lambda c: (-c.priority, -c.weight, c.offer_id, c.chain_no),
+            )
+            for event in PURCHASE_EVENTS
+        }
+        self.product_chains: list[_CompiledChain] = []
+        names: dict[str, None] = {}
+        boundaries: set[time] = set()
+        self.uses_store_code = self.uses_channel = self.uses_date = False
+        chains_of: dict[int, int] = {}
+        for chains in by_event.values():
+            for chain in chains:
+                chains_of[chain.offer_id] = chains_of.get(chain.offer_id, 0) + 1
+        memos: dict[tuple[Any, ...], int] = {}
+        for event in PURCHASE_EVENTS:
+            for chain in by_event.get(event, ()):
+                chain.sole = chains_of[chain.offer_id] == 1
+                for action in chain.write_off_actions + chain.bonus_actions:
+                    action.memo = memos.setdefault(action.line_values_key(), len(memos))
+                if chain.product_filters:
+                    chain.product_no = len(self.product_chains)
+                    self.product_chains.append(chain)
+                for moment in (chain.offer.starts_at, chain.offer.ends_at):
+                    if moment is not None:
+                        self.uses_date = True
+                        boundaries.add(moment.time())
+                for rule in chain.context_rules:
+                    if rule.type == "stores":
+                        if "codes" in rule.params:
+                            self.uses_store_code = True
+                        else:
+                            names[str(rule.params["attribute"])] = None
+                    elif rule.type == "channel":
+                        self.uses_channel = True
+                    elif rule.type == "time_of_day":
+                        boundaries.update(_parse_time(str(rule.params[k])) for k in ("from", "to"))
+                    else:  # dates, days_of_week
+                        self.uses_date = True
+        self.attribute_names = tuple(names)
+        self.boundaries = sorted(boundaries)
+        self.plans: dict[tuple[Any, ...], _Plans] = {}
+        self.products: dict[tuple[Any, ...], tuple[int, ...]] = {}
+
+    def plans_for(self, cheque: Cheque, ctx: _Context) -> _Plans:
+        attrs = cheque.store_attributes
+        values: list[Any] = []
+        for name in self.attribute_names:
+            value = attrs.get(name)
+            values.append(value if value is None or type(value) is str else _attr_values(value))
+        moment = cheque.local_time
+        key = (
+            cheque.store_code if self.uses_store_code else None,
+            tuple(values),
+            cheque.channel if self.uses_channel else None,
+            moment.date() if self.uses_date else None,
+            # Between two consecutive boundaries (time-of-day limits, offer start/end times) every
+            # time filter gives the same answer, so the slice number stands for the time.
+            bisect_right(self.boundaries, moment.time()) if self.boundaries else 0,
+        )
+        plans = self.plans.get(key)
+        if plans is None:
+            plans = {}
+            for event in PURCHASE_EVENTS:
+                groups: list[list[_CompiledChain]] = []
+                rank: tuple[int, int] | None = None
+                for chain in self.non_summable[event]:
+                    if chain.passes_context(ctx):
+                        if (chain.priority, chain.weight) != rank:
+                            rank = (chain.priority, chain.weight)
+                            groups.append([])
+                        groups[-1].append(chain)
+                summable = tuple(
+                    c for c in self.by_event.get(event, ()) if c.summable and c.passes_context(ctx)
+                )
+                plans[event] = _EventPlan(tuple(tuple(g) for g in groups), summable)
+            if len(self.plans) >= _MAX_PLANS:
+                self.plans.clear()
+            self.plans[key] = plans
+        return plans
+
+    def lines_by_chain(self, lines: Sequence[Line]) -> dict[int, list[int]]:
+        """For each product-filtered chain (by ``product_no``) the indexes of the lines it matches."""
+        by_chain: dict[int, list[int]] = {}
+        if not self.product_chains:
+            return by_chain
+        products = self.products
+        for i, line in enumerate(lines):
+            key = (line.sku, line.groups, line.category_path, line.brand)
+            try:
+                hits = products.get(key)
+            except TypeError:  # unhashable groups (a plain set): match without caching
+                hits = self._matches(line)
+            else:
+                if hits is None:
+                    hits = self._matches(line)
+                    if len(products) >= _MAX_PRODUCTS:
+                        products.clear()
+                    products[key] = hits
+            for no in hits:
+                got = by_chain.get(no)
+                if got is None:
+                    by_chain[no] = [i]
+                else:
+                    got.append(i)
+        return by_chain
+
+    def _matches(self, line: Line) -> tuple[int, ...]:
+        return tuple(
+            c.product_no for c in self.product_chains if all(f.matches(line) for f in c.product_filters)
+        )
 
 
 @dataclass(slots=True)
@@ -609,6 +930,10 @@ class Snapshot:
     by_event: dict[str, list[_CompiledChain]]
     currency_precision: dict[str, int]
     default_currency: str
+    _index: _Index = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._index = _Index(self.by_event)
 
     @classmethod
     def build(
@@ -619,13 +944,16 @@ class Snapshot:
         default_currency: str = "bonus",
     ) -> Snapshot:
         offers = tuple(offers)
+        precision = dict(currency_precision or {default_currency: 2})
         by_event: dict[str, list[_CompiledChain]] = {}
         for offer in offers:
             for number, chain in enumerate(offer.chains):
-                by_event.setdefault(chain.event, []).append(_CompiledChain(offer, number, chain))
+                by_event.setdefault(chain.event, []).append(
+                    _CompiledChain(offer, number, chain, default_currency, precision)
+                )
         for chains in by_event.values():
             chains.sort(key=lambda c: (-c.offer.priority, -c.weight, c.offer.id, c.chain_no))
-        return cls(offers, by_event, dict(currency_precision or {default_currency: 2}), default_currency)
+        return cls(offers, by_event, precision, default_currency)
 
     def points(self, currency: str, amount: Decimal) -> Decimal:
         """Rounds earned points down to the currency's precision (never give a fraction more)."""
@@ -637,7 +965,7 @@ class Snapshot:
 
 
 def _money(value: Decimal) -> Decimal:
-    return value.quantize(CENT, rounding=ROUND_HALF_UP)
+    return value.quantize(CENT, ROUND_HALF_UP)
 
 
 def _spread(total: Decimal, weights: Sequence[Decimal], quantum: Decimal = CENT) -> list[Decimal]:
@@ -646,16 +974,18 @@ def _spread(total: Decimal, weights: Sequence[Decimal], quantum: Decimal = CENT)
     if not weights:
         return []
     if base <= 0:
-        return [total] + [ZERO] * (len(weights) - 1) if weights else []
-    parts = [(total * w / base).quantize(quantum, rounding=ROUND_DOWN) for w in weights]
+        return [total] + [ZERO] * (len(weights) - 1)
+    parts = [(total * w / base).quantize(quantum, ROUND_DOWN) for w in weights]
     rest = total - sum(parts, ZERO)
-    # The rounding remainder goes to the largest lines, one quantum each.
-    order = sorted(range(len(weights)), key=lambda i: (-weights[i], i))
-    i = 0
-    while rest >= quantum and order:
-        parts[order[i % len(order)]] += quantum
-        rest -= quantum
-        i += 1
+    if rest >= quantum:
+        # The rounding remainder goes to the largest lines, one quantum each (equal weights: the
+        # first line first; a reversed sort keeps equal keys in order).
+        order = sorted(range(len(weights)), key=weights.__getitem__, reverse=True)
+        i = 0
+        while rest >= quantum:
+            parts[order[i % len(order)]] += quantum
+            rest -= quantum
+            i += 1
     return parts
 
 
@@ -688,285 +1018,449 @@ def _context_of(cheque: Cheque) -> _Context:
     )
 
 
-@dataclass(slots=True)
-class _Candidate:
-    chain: _CompiledChain
-    lines: list[int]
-    benefit: Decimal
+# ---------------------------------------------------------------------------- selection
+
+# A chain's benefit over the lines it matches (ranking only), and applying it to some lines.
+_Benefit = Callable[[_CompiledChain, list[int]], Decimal]
+_ApplyTo = Callable[[_CompiledChain, list[int]], None]
+
+
+class _Run:
+    """One calculation's working state, shared by its three phases."""
+
+    __slots__ = (
+        "after",
+        "all_lines",
+        "by_chain",
+        "cheque",
+        "ctx",
+        "exhausted",
+        "explain",
+        "lines",
+        "member",
+        "memo",
+        "offers_of",
+        "plans",
+        "result",
+        "snapshot",
+        "states",
+    )
+
+    def __init__(self, snapshot: Snapshot, cheque: Cheque, result: Result, explain: bool) -> None:
+        self.snapshot = snapshot
+        self.cheque = cheque
+        self.lines = cheque.lines
+        self.states = result.lines
+        self.result = result
+        self.explain = explain
+        self.member = cheque.member
+        self.exhausted = cheque.exhausted_offers
+        self.ctx = _context_of(cheque)
+        index = snapshot._index
+        # Explanations need every chain's reason, so explain mode walks all chains.
+        self.plans = None if explain else index.plans_for(cheque, self.ctx)
+        self.by_chain = index.lines_by_chain(cheque.lines)
+        self.all_lines = list(range(len(cheque.lines)))  # shared, never mutated
+        self.memo: dict[str, bool] = {}  # per-cheque filter verdicts by filter key
+        self.offers_of = [st.offers for st in result.lines]
+        self.after: list[Decimal] | None = None  # amounts after discount, once the write-off phase ran
+
+
+def _lines_of(run: _Run, chain: _CompiledChain) -> tuple[list[int], str | None]:
+    """Indexes of lines the chain touches, or why none qualifies."""
+    if chain.product_no < 0:
+        return run.all_lines, None
+    chosen = run.by_chain.get(chain.product_no)
+    if chosen is None:
+        return [], "filter products: no line matches"
+    if chain.quantity_filters:
+        reason = _quantity_failure(chain, run.lines, chosen)
+        if reason is not None:
+            return [], reason
+    return chosen, None
+
+
+def _applies(run: _Run, chain: _CompiledChain) -> list[int] | None:
+    """Fast path for a chain that passed the context filters: the lines it touches, or None."""
+    if chain.offer_id in run.exhausted:
+        return None
+    member = run.member
+    if (
+        chain.max_uses is not None
+        and member is not None
+        and member.offer_uses.get(chain.offer_id, 0) >= chain.max_uses
+    ):
+        return None
+    if chain.member_checks:
+        memo = run.memo
+        for key, check in chain.member_checks:
+            ok = memo.get(key)
+            if ok is None:
+                ok = memo[key] = check(run.ctx) is None
+            if not ok:
+                return None
+    if chain.product_no < 0:
+        chosen: list[int] | None = run.all_lines
+    else:
+        chosen = run.by_chain.get(chain.product_no)
+        if chosen is None or (chain.quantity_filters and _quantity_failure(chain, run.lines, chosen)):
+            return None
+    if chain.error is not None:
+        raise chain.error
+    return chosen
+
+
+def _select_and_apply(run: _Run, event: str, benefit: _Benefit, apply: _ApplyTo) -> None:
+    """At most one non-summable chain per line (priority, weight, benefit, offer id), then summables.
+
+    The fast path walks the groups of equal (priority, weight) best first and stops once every line
+    is taken; benefits are computed only inside a group where two chains still compete for lines.
+    ``benefit`` must rate chains on the phase's starting state, whatever was applied since.
+    """
+    if run.explain:
+        _select_explained(run, event, benefit, apply)
+        return
+    assert run.plans is not None
+    plan = run.plans[event]
+    all_lines = run.all_lines
+    by_chain = run.by_chain
+    exhausted = run.exhausted
+    count = len(all_lines)
+    taken = [False] * count
+    left = count
+    for group in plan.groups:
+        if not left:
+            break
+        contenders: list[tuple[_CompiledChain, list[int]]] = []
+        for chain in group:
+            if chain.guarded:
+                chosen = _applies(run, chain)
+            elif exhausted and chain.offer_id in exhausted:
+                continue
+            else:  # the common case inlined: no member filter, limit or quantity condition
+                chosen = all_lines if chain.product_no < 0 else by_chain.get(chain.product_no)
+            if chosen is not None:
+                if left == count:
+                    contenders.append((chain, chosen))
+                    continue
+                for i in chosen:
+                    if not taken[i]:
+                        contenders.append((chain, chosen))
+                        break
+        if len(contenders) > 1:
+            # Stable: equal benefits keep the group's offer id order.
+            contenders.sort(key=lambda c: -benefit(c[0], c[1]))
+        for chain, chosen in contenders:
+            free = chosen if left == count else [i for i in chosen if not taken[i]]
+            if free:
+                for i in free:
+                    taken[i] = True
+                left -= len(free)
+                _apply(run, chain, free, apply)
+    for chain in plan.summable:
+        if chain.guarded:
+            chosen = _applies(run, chain)
+        elif exhausted and chain.offer_id in exhausted:
+            continue
+        else:
+            chosen = all_lines if chain.product_no < 0 else by_chain.get(chain.product_no)
+        if chosen is not None:
+            _apply(run, chain, chosen, apply)
+
+
+def _select_explained(run: _Run, event: str, benefit: _Benefit, apply: _ApplyTo) -> None:
+    """Every chain with its reason: the straightforward selection, in the explanation's order."""
+    result = run.result
+    candidates: list[tuple[_CompiledChain, list[int]]] = []
+    for chain in run.snapshot.by_event.get(event, ()):
+        reason = chain.failed_check(run.ctx)
+        chosen: list[int] = []
+        if reason is None:
+            chosen, reason = _lines_of(run, chain)
+        if reason is not None:
+            result.explain.append(Explanation(chain.offer_id, chain.offer.name, event, False, reason))
+            continue
+        if chain.error is not None:
+            raise chain.error
+        candidates.append((chain, chosen))
+    ranked = [(chain, chosen, benefit(chain, chosen)) for chain, chosen in candidates if not chain.summable]
+    ranked.sort(key=lambda c: (-c[0].priority, -c[0].weight, -c[2], c[0].offer_id, c[0].chain_no))
+    taken: dict[int, int] = {}
+    for chain, chosen, _ in ranked:
+        free = [i for i in chosen if i not in taken]
+        if not free:
+            reason = (
+                f"lines taken by non-summable offer {taken[chosen[0]]}"
+                if chosen
+                else "the cheque has no lines"
+            )
+            result.explain.append(Explanation(chain.offer_id, chain.offer.name, chain.event, False, reason))
+            continue
+        for i in free:
+            taken[i] = chain.offer_id
+        _apply(run, chain, free, apply)
+    for chain, chosen in candidates:
+        if chain.summable:
+            _apply(run, chain, chosen, apply)
+
+
+def _apply(run: _Run, chain: _CompiledChain, targets: list[int], apply: _ApplyTo) -> None:
+    apply(chain, targets)
+    offer_id = chain.offer_id
+    offers_of = run.offers_of
+    result = run.result
+    if chain.sole:  # applied once per calculation: the offer cannot be listed yet
+        for i in targets:
+            offers_of[i].append(offer_id)
+        result.applied_offers.append(offer_id)
+    else:
+        for i in targets:
+            offers = offers_of[i]
+            if offer_id not in offers:
+                offers.append(offer_id)
+        if offer_id not in result.applied_offers:
+            result.applied_offers.append(offer_id)
+    if chain.cheque_texts:
+        result.cheque_messages.extend(chain.cheque_texts)
+    if chain.cashier_texts:
+        result.cashier_messages.extend(chain.cashier_texts)
+    if run.explain:
+        result.explain.append(
+            Explanation(
+                offer_id,
+                chain.offer.name,
+                chain.event,
+                True,
+                "applied",
+                [run.states[i].line for i in targets],
+            )
+        )
 
 
 # ---------------------------------------------------------------------------- phases
 
 
-def _discount_for(action: Rule, line: Line, current: Decimal, floor: Decimal) -> Decimal:
+def _discount_for(action: _Action, line: Line, current: Decimal, floor: Decimal) -> Decimal:
     """The discount one action gives one line whose amount is ``current`` now."""
-    kind = action.params.get("kind", "percent")
-    value = Decimal(str(action.params["value"]))
+    kind = action.kind
     if kind == "percent":
-        discount = _money(current * value / HUNDRED)
+        discount = _money(current * action.value / HUNDRED)
     elif kind == "price_per_unit":
-        discount = current - _money(value * line.quantity)
+        discount = current - _money(action.value * line.quantity)
     else:  # "amount": per line share is computed by the caller
-        discount = value
+        discount = action.value
     return max(ZERO, min(discount, current - floor))
 
 
-def _run_discounts(snapshot: Snapshot, cheque: Cheque, ctx: _Context, result: Result, explain: bool) -> None:
-    lines = cheque.lines
-    states = result.lines
-    for index, line in enumerate(lines):
-        states[index].floor = _money(line.min_price * line.quantity) if line.min_price is not None else ZERO
-    candidates = _candidates(snapshot, "discount_calculation", lines, ctx, result, explain)
+def _run_discounts(run: _Run) -> None:
+    lines = run.lines
+    states = run.states
+    for line, st in zip(lines, states, strict=True):
+        if line.min_price is not None:
+            st.floor = _money(line.min_price * line.quantity)
+    # The phase's starting point: benefits rank chains on it (no discount is applied yet).
+    floors = [st.floor for st in states]
+    has_floor = any(floors)
+    amounts = [line.amount for line in lines]
+    cheque_amount = run.ctx.cheque_amount
+    all_lines = run.all_lines
 
-    def benefit(cand: _Candidate, only: Sequence[int] | None = None) -> Decimal:
+    def benefit(chain: _CompiledChain, chosen: list[int]) -> Decimal:
         total = ZERO
-        for action in cand.chain.actions:
-            if action.type != "discount":
-                continue
-            targets = only if only is not None else cand.lines
-            if action.params.get("kind") == "amount":
-                total += min(
-                    Decimal(str(action.params["value"])),
-                    sum((states[i].amount_after_discount - states[i].floor for i in targets), ZERO),
-                )
-            elif action.params.get("kind", "percent") == "percent" and not any(
-                states[i].floor for i in targets
-            ):
+        for action in chain.discount_actions:
+            if action.kind == "amount":
+                total += min(action.value, sum((amounts[i] - floors[i] for i in chosen), ZERO))
+            elif action.kind == "percent" and not (has_floor and any(floors[i] for i in chosen)):
                 # Ranking only: the unrounded percent of the lines' sum orders offers the same way.
-                value = Decimal(str(action.params["value"]))
-                total += sum((states[i].amount - states[i].discount for i in targets), ZERO) * value / HUNDRED
+                base = cheque_amount if chosen is all_lines else sum((amounts[i] for i in chosen), ZERO)
+                total += base * action.value / HUNDRED
             else:
-                for i in targets:
-                    st = states[i]
-                    total += _discount_for(action, lines[i], st.amount_after_discount, st.floor)
+                for i in chosen:
+                    total += _discount_for(action, lines[i], amounts[i], floors[i])
         return total
 
-    def apply(cand: _Candidate, targets: list[int]) -> None:
-        for action in cand.chain.actions:
-            if action.type == "set_min_price":
-                for i in targets:
-                    line = lines[i]
-                    if "price" in action.params:
-                        unit = Decimal(str(action.params["price"]))
-                    else:
-                        unit = line.price * Decimal(str(action.params["percent_of_price"])) / HUNDRED
-                    states[i].floor = max(states[i].floor, min(line.amount, _money(unit * line.quantity)))
-        for action in cand.chain.actions:
-            if action.type != "discount":
-                continue
-            if action.params.get("kind") == "amount":
-                room = [max(ZERO, states[i].amount_after_discount - states[i].floor) for i in targets]
-                total = min(Decimal(str(action.params["value"])), sum(room, ZERO))
+    def apply(chain: _CompiledChain, targets: list[int]) -> None:
+        for action in chain.floor_actions:
+            for i in targets:
+                line = lines[i]
+                st = states[i]
+                if action.price is not None:
+                    unit = action.price
+                else:
+                    unit = line.price * action.percent_of_price / HUNDRED
+                st.floor = max(st.floor, min(line.amount, _money(unit * line.quantity)))
+        for action in chain.discount_actions:
+            if action.kind == "amount":
+                room = [max(ZERO, states[i].amount - states[i].discount - states[i].floor) for i in targets]
+                total = min(action.value, sum(room, ZERO))
                 for i, part in zip(targets, _spread(total, room), strict=True):
-                    states[i].discount += min(part, states[i].amount_after_discount - states[i].floor)
+                    st = states[i]
+                    st.discount += min(part, st.amount - st.discount - st.floor)
+            elif action.kind == "percent" and action.exact:
+                # _discount_for inlined for the common case (same operations, same rounding).
+                factor = action.factor
+                for i in targets:
+                    st = states[i]
+                    current = st.amount - st.discount
+                    discount = (current * factor).quantize(CENT, ROUND_HALF_UP)
+                    room_left = current - st.floor
+                    if room_left < discount:
+                        discount = room_left
+                    st.discount += discount if discount > ZERO else ZERO
             else:
                 for i in targets:
                     st = states[i]
-                    st.discount += _discount_for(action, lines[i], st.amount_after_discount, st.floor)
+                    st.discount += _discount_for(action, lines[i], st.amount - st.discount, st.floor)
 
-    _select_and_apply(candidates, benefit, apply, result, explain)
+    _select_and_apply(run, "discount_calculation", benefit, apply)
 
 
-def _run_write_off(snapshot: Snapshot, cheque: Cheque, ctx: _Context, result: Result, explain: bool) -> None:
-    lines = cheque.lines
-    states = result.lines
-    candidates = _candidates(snapshot, "write_off", lines, ctx, result, explain)
+def _run_write_off(run: _Run) -> None:
+    lines = run.lines
+    states = run.states
+    snapshot = run.snapshot
+    # Applying write-off rules changes no line: what is left to pay is fixed for the phase.
+    after = run.after = [st.amount - st.discount for st in states]
     # Per line and currency, the most of its amount the rules let points pay.
     caps: dict[str, list[Decimal]] = {}
+    rule_caps: dict[int, list[Decimal]] = {}
 
-    def rule_cap(action: Rule, i: int) -> Decimal:
-        if lines[i].groups & _as_set(action.params.get("exclude_groups", ())):
-            return ZERO
-        share = Decimal(str(action.params.get("max_percent", 100)))
-        return _money(states[i].amount_after_discount * share / HUNDRED)
+    def caps_of(action: _Action) -> list[Decimal]:
+        """What one rule lets points pay on each line."""
+        got = rule_caps.get(action.memo)
+        if got is None:
+            excluded = action.exclude_groups
+            factor = action.factor if action.exact else None
+            got = []
+            for line, amount in zip(lines, after, strict=True):
+                if excluded and line.groups & excluded:
+                    got.append(ZERO)
+                elif factor is not None:
+                    got.append((amount * factor).quantize(CENT, ROUND_HALF_UP))
+                else:
+                    got.append(_money(amount * action.value / HUNDRED))
+            rule_caps[action.memo] = got
+        return got
 
-    def benefit(cand: _Candidate, only: Sequence[int] | None = None) -> Decimal:
-        return sum(
-            (
-                rule_cap(a, i)
-                for a in cand.chain.actions
-                if a.type == "write_off_rule"
-                for i in (only or cand.lines)
-            ),
-            ZERO,
-        )
+    def benefit(chain: _CompiledChain, chosen: list[int]) -> Decimal:
+        total = ZERO
+        for action in chain.write_off_actions:
+            per_line = caps_of(action)
+            total += sum((per_line[i] for i in chosen), ZERO)
+        return total
 
-    def apply(cand: _Candidate, targets: list[int]) -> None:
-        for action in cand.chain.actions:
-            if action.type != "write_off_rule":
-                continue
-            currency = str(action.params.get("currency", snapshot.default_currency))
-            per_line = caps.setdefault(currency, [ZERO] * len(lines))
+    def apply(chain: _CompiledChain, targets: list[int]) -> None:
+        for action in chain.write_off_actions:
+            per_line = caps.get(action.currency)
+            if per_line is None:
+                per_line = caps[action.currency] = [ZERO] * len(lines)
+            rule = caps_of(action)
             for i in targets:
-                per_line[i] = min(states[i].amount_after_discount, per_line[i] + rule_cap(action, i))
+                cap = per_line[i] + rule[i]
+                per_line[i] = cap if cap < after[i] else after[i]
 
-    _select_and_apply(candidates, benefit, apply, result, explain)
-    member = cheque.member
+    _select_and_apply(run, "write_off", benefit, apply)
+    member = run.member
     for currency, per_line in caps.items():
         available = member.available.get(currency, ZERO) if member is not None and member.can_spend else ZERO
         limit = min(sum(per_line, ZERO), max(ZERO, available))
         places = snapshot.currency_precision.get(currency, 2)
         limit = limit.quantize(Decimal(1).scaleb(-places), rounding=ROUND_DOWN)
-        result.max_write_off[currency] = limit
+        run.result.max_write_off[currency] = limit
         for i, cap in enumerate(per_line):
-            if cap > 0:
+            if cap > ZERO:
                 states[i].max_write_off[currency] = cap
-    wanted = cheque.write_off_currency
-    requested = cheque.write_off_amount
+    wanted = run.cheque.write_off_currency
+    requested = run.cheque.write_off_amount
     if wanted and requested > 0:
-        granted = min(requested, result.max_write_off.get(wanted, ZERO))
+        granted = min(requested, run.result.max_write_off.get(wanted, ZERO))
         if granted > 0:
             for i, part in enumerate(_spread(granted, caps[wanted])):
                 if part:
                     states[i].write_off[wanted] = part
-            result.write_off[wanted] = granted
+            run.result.write_off[wanted] = granted
 
 
-def _run_bonuses(snapshot: Snapshot, cheque: Cheque, ctx: _Context, result: Result, explain: bool) -> None:
-    lines = cheque.lines
-    states = result.lines
+def _run_bonuses(run: _Run) -> None:
+    lines = run.lines
+    states = run.states
+    append = run.result.accruals.append
+    all_lines = run.all_lines
+    numbers = [line.line for line in lines]
+    bonuses = [st.bonus for st in states]
+    # Points are earned on what is left to pay in money; bonuses change neither.
+    after = run.after or [st.amount - st.discount for st in states]
+    paid = [
+        amount - (sum(st.write_off.values(), ZERO) if st.write_off else ZERO)
+        for amount, st in zip(after, states, strict=True)
+    ]
+    # Every line's points per percent rate, kept once a chain over the whole cheque needed them.
+    line_points: dict[int, list[Decimal]] = {}
 
-    def paid(i: int) -> Decimal:
-        st = states[i]
-        return st.amount_after_discount - sum(st.write_off.values(), ZERO)
+    def percent_points(action: _Action, chosen: list[int]) -> list[Decimal]:
+        """What a percent bonus gives the chosen lines, rounded down to the currency's precision."""
+        got = line_points.get(action.memo)
+        if got is not None:
+            return got if chosen is all_lines else [got[i] for i in chosen]
+        quantum = action.quantum
+        if action.exact:
+            factor = action.factor
+            got = [(paid[i] * factor).quantize(quantum, ROUND_DOWN) for i in chosen]
+        else:
+            value = action.value
+            got = [(paid[i] * value / HUNDRED).quantize(quantum, ROUND_DOWN) for i in chosen]
+        if chosen is all_lines:
+            line_points[action.memo] = got
+        return got
 
-    candidates = _candidates(snapshot, "bonus_calculation", lines, ctx, result, explain)
-
-    def points_for(action: Rule, targets: Sequence[int]) -> list[tuple[int | None, str, Decimal]]:
-        currency = str(action.params.get("currency", snapshot.default_currency))
-        value = Decimal(str(action.params["value"]))
+    def points_for(action: _Action, targets: list[int]) -> list[tuple[int | None, Decimal]]:
         if action.type == "extra_bonus":
-            return [(None, currency, snapshot.points(currency, value))]
-        if action.params.get("kind", "percent") == "percent":
-            return [(i, currency, snapshot.points(currency, paid(i) * value / HUNDRED)) for i in targets]
-        parts = _spread(snapshot.points(currency, value), [paid(i) for i in targets])
-        return list(zip(targets, [currency] * len(targets), parts, strict=True))
+            return [(None, action.points)]
+        if action.kind == "percent":
+            return list(zip(targets, percent_points(action, targets), strict=True))
+        parts = _spread(action.points, [paid[i] for i in targets])
+        return list(zip(targets, parts, strict=True))
 
-    def benefit(cand: _Candidate, only: Sequence[int] | None = None) -> Decimal:
-        return sum(
-            (
-                pts
-                for a in cand.chain.actions
-                if a.type in {"bonus", "extra_bonus"}
-                for _, _, pts in points_for(a, only or cand.lines)
-            ),
-            ZERO,
-        )
+    def benefit(chain: _CompiledChain, chosen: list[int]) -> Decimal:
+        total = ZERO
+        for action in chain.bonus_actions:
+            if action.type == "bonus" and action.kind == "percent":
+                total += sum(percent_points(action, chosen), ZERO)
+            else:
+                total += sum((pts for _, pts in points_for(action, chosen)), ZERO)
+        return total
 
-    def apply(cand: _Candidate, targets: list[int]) -> None:
-        for action in cand.chain.actions:
-            if action.type not in {"bonus", "extra_bonus"}:
+    def apply(chain: _CompiledChain, targets: list[int]) -> None:
+        offer_id = chain.offer_id
+        for action in chain.bonus_actions:
+            currency = action.currency
+            delay, lifetime, legal_entity = action.delay, action.lifetime, action.legal_entity
+            if action.type == "bonus" and action.kind == "percent":
+                for i, pts in zip(targets, percent_points(action, targets), strict=True):
+                    if pts > ZERO:
+                        bonus = bonuses[i]
+                        bonus[currency] = bonus.get(currency, ZERO) + pts
+                        append(Accrual(currency, pts, offer_id, delay, lifetime, legal_entity, numbers[i]))
                 continue
-            delay = int(action.params.get("activation_delay_days", 0) or 0)
-            lifetime = action.params.get("lifetime_days")
-            legal_entity = action.params.get("legal_entity")
-            for i, currency, pts in points_for(action, targets):
+            for n, pts in points_for(action, targets):
                 if pts <= 0:
                     continue
-                if i is not None:
-                    states[i].bonus[currency] = states[i].bonus.get(currency, ZERO) + pts
-                result.accruals.append(
+                if n is not None:
+                    bonus = bonuses[n]
+                    bonus[currency] = bonus.get(currency, ZERO) + pts
+                append(
                     Accrual(
                         currency,
                         pts,
-                        cand.chain.offer.id,
+                        offer_id,
                         delay,
-                        int(lifetime) if lifetime is not None else None,
-                        str(legal_entity) if legal_entity else None,
-                        lines[i].line if i is not None else None,
+                        lifetime,
+                        legal_entity,
+                        numbers[n] if n is not None else None,
                     )
                 )
 
-    _select_and_apply(candidates, benefit, apply, result, explain)
-
-
-def _candidates(
-    snapshot: Snapshot, event: str, lines: Sequence[Line], ctx: _Context, result: Result, explain: bool
-) -> list[_Candidate]:
-    found: list[_Candidate] = []
-    for chain in snapshot.by_event.get(event, ()):
-        reason = chain.failed_check(ctx)
-        chosen: list[int] = []
-        if reason is None:
-            chosen, reason = chain.eligible_lines(lines)
-        if reason is not None:
-            if explain:
-                result.explain.append(Explanation(chain.offer.id, chain.offer.name, event, False, reason))
-            continue
-        found.append(_Candidate(chain, chosen, ZERO))
-    return found
-
-
-def _select_and_apply(
-    candidates: list[_Candidate],
-    benefit: Callable[..., Decimal],
-    apply: Callable[[_Candidate, list[int]], None],
-    result: Result,
-    explain: bool,
-) -> None:
-    non_summable = [c for c in candidates if not c.chain.offer.summable]
-    for cand in non_summable:
-        cand.benefit = benefit(cand)
-    non_summable.sort(
-        key=lambda c: (
-            -c.chain.offer.priority,
-            -c.chain.weight,
-            -c.benefit,
-            c.chain.offer.id,
-            c.chain.chain_no,
-        )
-    )
-    taken: dict[int, int] = {}
-    for cand in non_summable:
-        free = [i for i in cand.lines if i not in taken]
-        if not free:
-            if explain:
-                winner = taken[cand.lines[0]]
-                result.explain.append(
-                    Explanation(
-                        cand.chain.offer.id,
-                        cand.chain.offer.name,
-                        cand.chain.event,
-                        False,
-                        f"lines taken by non-summable offer {winner}",
-                    )
-                )
-            continue
-        for i in free:
-            taken[i] = cand.chain.offer.id
-        _apply(cand, free, apply, result, explain)
-    for cand in candidates:
-        if cand.chain.offer.summable:
-            _apply(cand, cand.lines, apply, result, explain)
-
-
-def _apply(
-    cand: _Candidate,
-    targets: list[int],
-    apply: Callable[[_Candidate, list[int]], None],
-    result: Result,
-    explain: bool,
-) -> None:
-    apply(cand, targets)
-    offer_id = cand.chain.offer.id
-    for i in targets:
-        offers = result.lines[i].offers
-        if offer_id not in offers:
-            offers.append(offer_id)
-    if offer_id not in result.applied_offers:
-        result.applied_offers.append(offer_id)
-    _messages(cand.chain.actions, cand.chain.offer, result)
-    if explain:
-        result.explain.append(
-            Explanation(
-                offer_id,
-                cand.chain.offer.name,
-                cand.chain.event,
-                True,
-                "applied",
-                [result.lines[i].line for i in targets],
-            )
-        )
+    _select_and_apply(run, "bonus_calculation", benefit, apply)
 
 
 def _messages(actions: Iterable[Rule], offer: Offer, result: Result) -> None:
@@ -978,6 +1472,8 @@ def _messages(actions: Iterable[Rule], offer: Offer, result: Result) -> None:
 
 
 def _render_messages(result: Result, member: MemberFacts | None, default_currency: str) -> None:
+    if not (result.cheque_messages or result.cashier_messages):
+        return  # nothing to fill in: skip totalling the cheque
     values: dict[str, Any] = {
         "discount": result.discount_total,
         "bonus": result.bonus_total().get(default_currency, ZERO),
@@ -1007,12 +1503,12 @@ def calculate(
     ``discounts=False, write_off=False`` is the offline-cheque mode: accrual only.
     """
     result = Result(lines=[LineResult(line.line, line.sku, line.amount) for line in cheque.lines])
-    ctx = _context_of(cheque)
+    run = _Run(snapshot, cheque, result, explain)
     if discounts:
-        _run_discounts(snapshot, cheque, ctx, result, explain)
+        _run_discounts(run)
     if write_off:
-        _run_write_off(snapshot, cheque, ctx, result, explain)
-    _run_bonuses(snapshot, cheque, ctx, result, explain)
+        _run_write_off(run)
+    _run_bonuses(run)
     _render_messages(result, cheque.member, snapshot.default_currency)
     return result
 
