@@ -9,6 +9,9 @@
 * a member account's balance is the sum of its lots' ``remaining``, which always equals the
   sum of its postings;
 * ``Reservation`` holds points for an unconfirmed purchase (two-phase processing).
+
+Amounts are stored with 4 places (``POINTS_SCALE``) so a currency may keep up to 4; each
+currency's own ``precision`` is enforced by the service.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from sqlalchemy.orm import Mapped, mapped_column
 from omniloyal.db.base import Base
 from omniloyal.db.types import Amount, BigId, Json, UTCDateTime
 from omniloyal.kernel.clock import utcnow
+
+# Places stored for every points amount: the most a currency's precision may ask for.
+POINTS_SCALE = 4
 
 ACCOUNT_KINDS = ("member", "emission")
 ENTRY_KINDS = ("accrual", "write_off", "expiry", "activation", "refund", "reversal")
@@ -64,7 +70,7 @@ class LedgerEntry(Base):
     member_id: Mapped[int | None] = mapped_column(ForeignKey("members.id"), nullable=True)
     currency: Mapped[str] = mapped_column(ForeignKey("currencies.code"))
     # Magnitude moved to (+) or from (-) the member account.
-    amount: Mapped[Decimal] = mapped_column(Amount(2))
+    amount: Mapped[Decimal] = mapped_column(Amount(POINTS_SCALE))
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     # "manual", "purchase", "refund", "offer", "expiry_job", "import"...
     source: Mapped[str] = mapped_column(String(50))
@@ -84,8 +90,8 @@ class Lot(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
-    amount: Mapped[Decimal] = mapped_column(Amount(2))
-    remaining: Mapped[Decimal] = mapped_column(Amount(2))
+    amount: Mapped[Decimal] = mapped_column(Amount(POINTS_SCALE))
+    remaining: Mapped[Decimal] = mapped_column(Amount(POINTS_SCALE))
     accrued_at: Mapped[datetime] = mapped_column(UTCDateTime())
     activates_at: Mapped[datetime] = mapped_column(UTCDateTime())
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
@@ -104,7 +110,7 @@ class Posting(Base):
     entry_id: Mapped[int] = mapped_column(ForeignKey("ledger_entries.id"), index=True)
     account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
     lot_id: Mapped[int | None] = mapped_column(ForeignKey("lots.id"), nullable=True, index=True)
-    amount: Mapped[Decimal] = mapped_column(Amount(2))
+    amount: Mapped[Decimal] = mapped_column(Amount(POINTS_SCALE))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
@@ -116,8 +122,10 @@ class Reservation(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
-    amount: Mapped[Decimal] = mapped_column(Amount(2))
+    amount: Mapped[Decimal] = mapped_column(Amount(POINTS_SCALE))
     operation_id: Mapped[str] = mapped_column(String(200), index=True)
     state: Mapped[str] = mapped_column(String(12), default="held")  # held | confirmed | released
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # The write-off made on confirm, so a repeated confirm returns it instead of spending twice.
+    entry_id: Mapped[int | None] = mapped_column(ForeignKey("ledger_entries.id"), nullable=True)
