@@ -23,6 +23,7 @@ def import_all_models() -> None:
     """Import every domain's models so ``Base.metadata`` knows all tables."""
     from omniloyal.auth import models as _auth  # noqa: F401
     from omniloyal.catalog import models as _catalog  # noqa: F401
+    from omniloyal.events import models as _events  # noqa: F401
     from omniloyal.ledger import models as _ledger  # noqa: F401
     from omniloyal.members import models as _members  # noqa: F401
     from omniloyal.offers import models as _offers  # noqa: F401

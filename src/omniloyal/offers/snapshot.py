@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from omniloyal.ledger.models import Currency
 from omniloyal.offers import engine
-from omniloyal.offers.models import Offer, OfferUse, TargetAudience, TargetAudienceMember
+from omniloyal.offers.models import Offer, OfferStatusChange, OfferUse, TargetAudience, TargetAudienceMember
 
 
 def rules_of(items: Iterable[Mapping[str, Any]]) -> tuple[engine.Rule, ...]:
@@ -109,6 +109,58 @@ def active_snapshot(session: Session, default_currency: str = "bonus") -> engine
     )
     _cache.put(key, fingerprint, snapshot)
     return snapshot
+
+
+def snapshot_at(
+    session: Session, moment: datetime, default_currency: str = "bonus"
+) -> tuple[engine.Snapshot, frozenset[int]]:
+    """Every offer that may have run, and the ids of those active at ``moment`` (from the status
+    history), so a cheque replayed later is priced by the offers valid when it was bought."""
+    fingerprint = tuple(
+        session.execute(
+            select(func.count(Offer.id), func.max(Offer.updated_at), func.sum(Offer.id)).where(
+                Offer.status != "draft"
+            )
+        ).one()
+    ) + tuple(session.execute(select(func.count(OfferStatusChange.id))).one())
+    key = (_db_key(session), "offers_all")
+    cached = _cache.get(key, fingerprint)
+    if cached is None:
+        rows = session.scalars(select(Offer).where(Offer.status != "draft").order_by(Offer.id)).all()
+        precision = {
+            code: places for code, places in session.execute(select(Currency.code, Currency.precision))
+        }
+        history: dict[int, list[tuple[datetime, str]]] = {}
+        for offer_id, changed_at, new_status in session.execute(
+            select(OfferStatusChange.offer_id, OfferStatusChange.at, OfferStatusChange.to_status).order_by(
+                OfferStatusChange.at, OfferStatusChange.id
+            )
+        ):
+            history.setdefault(offer_id, []).append((changed_at, new_status))
+        snapshot = engine.Snapshot.build(
+            [to_engine_offer(row) for row in rows],
+            currency_precision=precision,
+            default_currency=default_currency,
+        )
+        current = {row.id: row.status for row in rows}
+        cached = (snapshot, history, current)
+        _cache.put(key, fingerprint, cached)
+    snapshot, history, current = cached
+    active: set[int] = set()
+    for offer in snapshot.offers:
+        changes = history.get(offer.id)
+        status: str | None
+        if not changes:
+            status = current.get(offer.id)  # no recorded history: trust the current status
+        else:
+            status = None
+            for at, to_status in changes:
+                if at > moment:
+                    break
+                status = to_status
+        if status == "active":
+            active.add(offer.id)
+    return snapshot, frozenset(active)
 
 
 def member_audiences(session: Session, member_id: int) -> frozenset[str]:
