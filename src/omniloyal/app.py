@@ -63,10 +63,21 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
 def _routers() -> list[Any]:
     from omniloyal.auth.api import router as auth_router
     from omniloyal.catalog.api import router as catalog_router
+    from omniloyal.events.api import router as events_router
     from omniloyal.ledger.api import router as ledger_router
     from omniloyal.members.api import router as members_router
+    from omniloyal.offers.api import router as offers_router
+    from omniloyal.processing.api import router as processing_router
 
-    return [auth_router, catalog_router, members_router, ledger_router]
+    return [
+        auth_router,
+        catalog_router,
+        members_router,
+        ledger_router,
+        offers_router,
+        processing_router,
+        events_router,
+    ]
 
 
 async def _ledger_jobs(db: Database, interval: int) -> None:

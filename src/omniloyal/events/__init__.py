@@ -1,0 +1,1 @@
+"""Events: facts from the loyalty side, sites, apps and the contact centre (ingest API)."""

@@ -1,0 +1,31 @@
+"""Events received through the ingest API (member events run the offers engine on arrival)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ForeignKey, Index, String
+from sqlalchemy.orm import Mapped, mapped_column
+
+from omniloyal.db.base import Base
+from omniloyal.db.types import Json, UTCDateTime
+from omniloyal.kernel.clock import utcnow
+
+
+class Event(Base):
+    __tablename__ = "events"
+    __table_args__ = (Index("ix_events_member", "member_id", "occurred_at"),)
+
+    # The sender's id: a repeated event with the same id is harmless.
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    type: Mapped[str] = mapped_column(String(100), index=True)
+    occurred_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    member_id: Mapped[int | None] = mapped_column(ForeignKey("members.id"), nullable=True)
+    anonymous_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    source: Mapped[str | None] = mapped_column(String(50), nullable=True)
+    store_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    properties: Mapped[dict[str, Any]] = mapped_column(Json, default=dict)
+    # What processing the event did: points accrued by offers, offers applied.
+    outcome: Mapped[dict[str, Any]] = mapped_column(Json, default=dict)
