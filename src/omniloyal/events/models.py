@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ForeignKey, Index, String
+from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from omniloyal.db.base import Base
-from omniloyal.db.types import Json, UTCDateTime
+from omniloyal.db.types import BigId, Json, UTCDateTime
 from omniloyal.kernel.clock import utcnow
 
 
@@ -29,3 +29,31 @@ class Event(Base):
     properties: Mapped[dict[str, Any]] = mapped_column(Json, default=dict)
     # What processing the event did: points accrued by offers, offers applied.
     outcome: Mapped[dict[str, Any]] = mapped_column(Json, default=dict)
+
+
+class OutboxEvent(Base):
+    """An event written in the same transaction as the change it describes; the dispatcher
+    publishes it to the bus and stamps ``published_at``. Nothing is lost while the bus is down."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (Index("ix_outbox_pending", "published_at", "seq"),)
+
+    seq: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(200), unique=True)
+    type: Mapped[str] = mapped_column(String(100))
+    member_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # The whole envelope as JSON (EventEnvelope.to_json()).
+    payload: Mapped[dict[str, Any]] = mapped_column(Json)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class ConsumedEvent(Base):
+    """Which event ids a consumer has already handled: redelivery after a crash changes nothing."""
+
+    __tablename__ = "consumed_events"
+
+    consumer: Mapped[str] = mapped_column(String(100), primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    consumed_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
