@@ -1,9 +1,9 @@
 """Property tests: whatever happens to a member's points, the books stay balanced.
 
 A random sequence of accruals (random delay and lifetime), write-offs (some beyond what is
-available), reservations, confirms, releases and clock advances with job runs is played with a
-pinned clock; after every step the ledger's invariants must hold, and every refusal must leave
-the store exactly as it was.
+available), reservations, confirms, releases, card replacements and clock advances with job runs
+is played with a pinned clock; after every step the ledger's invariants must hold, and every
+refusal must leave the store exactly as it was.
 """
 
 from __future__ import annotations
@@ -16,10 +16,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 
+from omniloyal.auth.schemas import Principal
 from omniloyal.catalog.models import LegalEntity
 from omniloyal.db.engine import Database
 from omniloyal.kernel.errors import AppError
 from omniloyal.ledger import service
+from omniloyal.members import service as members
+from omniloyal.members.models import Card
+from omniloyal.members.schemas import CardBlock
 from tests.ledger.helpers import T0, check_books, member, snapshot
 
 # Mostly whole points on a small scale, so write-offs and holds often land near the balance;
@@ -50,6 +54,7 @@ steps = st.tuples(
             st.tuples(st.just("confirm"), st.integers(min_value=0, max_value=5)),
             st.tuples(st.just("release"), st.integers(min_value=0, max_value=5)),
             st.tuples(st.just("advance"), st.sampled_from([1, 12, 24, 48])),  # hours
+            st.tuples(st.just("replace_card")),
         ),
         min_size=4,
         max_size=16,
@@ -73,6 +78,28 @@ def _balance(db: Database, member_id: int, now: Any) -> tuple[Decimal, Decimal]:
     return (balances[0].available, balances[0].total) if balances else (Decimal(0), Decimal(0))
 
 
+OPERATOR = Principal(key_id=None, name="property test", role="operator")
+
+
+def _give_card(db: Database, member_id: int, number: str) -> None:
+    with db.transaction() as session:
+        session.add(Card(number=number, member_id=member_id, kind="physical", state="activated"))
+
+
+def _replace_card(db: Database, number: str, new_number: str, now: Any) -> None:
+    """Lost card: block, replace; the member behind the new card has the same points."""
+    with db.reading() as session:
+        before = service.balance(session, members.card_for_processing(session, number).member_id or 0, now)
+    members.block_card(db, number, CardBlock(reason="lost"), OPERATOR)
+    members.replace_card(db, number, new_number, OPERATOR)
+    with db.reading() as session:
+        holder = members.card_for_processing(session, new_number).member_id
+        assert holder is not None
+        assert service.balance(session, holder, now) == before
+        old = session.scalar(select(Card).where(Card.number == number))
+        assert old is not None and old.blocked
+
+
 def _amount(spec: Any, total: Decimal) -> Decimal:
     if isinstance(spec, tuple):
         return max((total * Decimal(spec[1])).quantize(Decimal("0.01")), Decimal("0.01"))
@@ -90,6 +117,8 @@ def _amount(spec: Any, total: Decimal) -> Decimal:
 def test_books_always_balance(db: Database, steps: list[tuple[Any, ...]]) -> None:
     _ensure_default_entity(db)
     member_id = member(db)
+    card = f"77{member_id:08d}00"
+    _give_card(db, member_id, card)
     now = T0
     operations: list[str] = []
     for index, step in enumerate(steps):
@@ -97,6 +126,10 @@ def test_books_always_balance(db: Database, steps: list[tuple[Any, ...]]) -> Non
         if kind == "advance":
             now += timedelta(hours=step[1])
             service.run_jobs(db, now)
+        elif kind == "replace_card":
+            new_card = f"77{member_id:08d}{index + 1:02d}"
+            _replace_card(db, card, new_card, now)
+            card = new_card
         else:
             available, total = _balance(db, member_id, now)
             if kind in ("write_off", "reserve"):
