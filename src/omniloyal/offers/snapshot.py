@@ -16,7 +16,9 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from omniloyal.ledger.models import Currency
@@ -209,20 +211,30 @@ def record_use(
     money: Mapping[int, Decimal],
 ) -> None:
     """Counts a confirmed application: per-member uses and the offer's spent budget."""
-    for offer_id in sorted(set(offer_ids)):
-        if member_id is not None:
-            use = session.get(OfferUse, (offer_id, member_id))
-            if use is None:
-                session.add(OfferUse(offer_id=offer_id, member_id=member_id, uses=1))
-            else:
-                use.uses += 1
+    ids = sorted(set(offer_ids))
+    if member_id is not None and ids:
+        # One upsert for all offers of the cheque.
+        dialect = session.get_bind().dialect.name
+        insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
+        statement = insert(OfferUse).values([{"offer_id": i, "member_id": member_id, "uses": 1} for i in ids])
+        session.execute(
+            statement.on_conflict_do_update(
+                index_elements=["offer_id", "member_id"], set_={"uses": OfferUse.uses + 1}
+            )
+        )
+    for offer_id in ids:
         spent_points = points.get(offer_id, Decimal(0))
         spent_money = money.get(offer_id, Decimal(0))
         if spent_points or spent_money:
-            # Keep updated_at as it is: budgets moving must not rebuild every process's snapshot.
+            # Only offers with a budget keep a running total: updating the row of every busy offer
+            # on every purchase would serialise all tills on it. Keep updated_at as it is: budgets
+            # moving must not rebuild every process's snapshot.
             session.execute(
                 update(Offer)
-                .where(Offer.id == offer_id)
+                .where(
+                    Offer.id == offer_id,
+                    or_(Offer.budget_points.is_not(None), Offer.budget_money.is_not(None)),
+                )
                 .values(
                     spent_points=Offer.spent_points + spent_points,
                     spent_money=Offer.spent_money + spent_money,

@@ -481,28 +481,37 @@ def _book_accruals(
     source_ref: str,
     at: datetime,
 ) -> dict[str, Decimal]:
-    accrued: dict[str, Decimal] = {}
-    points_by_offer: dict[int, Decimal] = {}
+    # One lot per offer and terms, not per line: a 10-line cheque earning 5% makes one lot.
+    lots: dict[tuple[str, int, int, int | None, str | None], Decimal] = {}
     for item in plan:
         amount = Decimal(item["amount"])
         if amount <= 0:
             continue
         lifetime = item.get("lifetime_days")
+        terms = (
+            item["currency"],
+            int(item["offer_id"]),
+            int(item.get("activation_delay_days") or 0),
+            int(lifetime) if lifetime is not None else None,
+            item.get("legal_entity"),
+        )
+        lots[terms] = lots.get(terms, ZERO) + amount
+    accrued: dict[str, Decimal] = {}
+    for (currency, offer_id, delay, lifetime_days, legal_entity), amount in lots.items():
         ledger.accrue(
             session,
             member_id=member_id,
-            currency=item["currency"],
+            currency=currency,
             amount=amount,
-            legal_entity_id=_legal_entity_for(session, store, item.get("legal_entity")),
+            legal_entity_id=_legal_entity_for(session, store, legal_entity),
             source=source,
             source_ref=source_ref,
-            reason=f"offer {item['offer_id']}",
+            reason=f"offer {offer_id}",
             at=at,
-            activation_delay=timedelta(days=int(item.get("activation_delay_days") or 0)),
-            lifetime=timedelta(days=int(lifetime)) if lifetime is not None else None,
+            activation_delay=timedelta(days=delay),
+            lifetime=timedelta(days=lifetime_days) if lifetime_days is not None else None,
         )
-        accrued[item["currency"]] = accrued.get(item["currency"], ZERO) + amount
-        points_by_offer[int(item["offer_id"])] = points_by_offer.get(int(item["offer_id"]), ZERO) + amount
+        accrued[currency] = accrued.get(currency, ZERO) + amount
     return accrued
 
 
