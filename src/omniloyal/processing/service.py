@@ -20,7 +20,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -244,20 +244,22 @@ def _purchase_lines(
     outcomes: Iterable[engine.LineResult],
     *,
     with_discount: bool = True,
-) -> list[PurchaseLine]:
+) -> list[dict[str, Any]]:
+    """Rows for one bulk INSERT (the ORM would send one statement per line)."""
     return [
-        PurchaseLine(
-            operation_id=operation_id,
-            line=line.line,
-            sku=line.sku,
-            price=line.price,
-            quantity=line.quantity,
-            amount=line.amount,
-            discount=outcome.discount if with_discount else ZERO,
-            write_off=_amounts(outcome.write_off) if with_discount else {},
-            bonus=_amounts(outcome.bonus),
-            offers=list(outcome.offers),
-        )
+        {
+            "operation_id": operation_id,
+            "line": line.line,
+            "sku": line.sku,
+            "price": line.price,
+            "quantity": line.quantity,
+            "amount": line.amount,
+            "discount": outcome.discount if with_discount else ZERO,
+            "write_off": _amounts(outcome.write_off) if with_discount else {},
+            "bonus": _amounts(outcome.bonus),
+            "refunded_quantity": ZERO,
+            "offers": list(outcome.offers),
+        }
         for line, outcome in zip(lines, outcomes, strict=True)
     ]
 
@@ -383,7 +385,7 @@ def _calculate(
     )
     session.add(operation)
     session.flush()
-    session.add_all(_purchase_lines(operation.id, request.cheque.lines, result.lines))
+    session.execute(insert(PurchaseLine), _purchase_lines(operation.id, request.cheque.lines, result.lines))
     session.flush()
     return response
 
@@ -836,7 +838,10 @@ def _offline_one(
     session.add(operation)
     session.flush()
     # Offline cheques only accrue: the till already charged full price.
-    session.add_all(_purchase_lines(operation.id, item.cheque.lines, result.lines, with_discount=False))
+    session.execute(
+        insert(PurchaseLine),
+        _purchase_lines(operation.id, item.cheque.lines, result.lines, with_discount=False),
+    )
     offers.record_use(
         session,
         offer_ids=result.applied_offers,
