@@ -101,13 +101,22 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tasks = []
+        runtime = None
         if run_jobs:
+            from omniloyal.events.consumers import Runtime
+
             tasks.append(asyncio.create_task(_ledger_jobs(database, settings.ledger_job_interval_seconds)))
+            # The outbox dispatcher and the event consumers, in background threads.
+            runtime = Runtime(settings, database)
+            await asyncio.to_thread(runtime.start)
+            app.state.events = runtime
         yield
         for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if runtime is not None:
+            await asyncio.to_thread(runtime.stop)
 
     app = FastAPI(
         title="Omniloyal API",

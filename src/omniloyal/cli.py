@@ -9,6 +9,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from omniloyal.events.cli import app as events_app
+from omniloyal.events.cli import worker as events_worker
 from omniloyal.settings import Settings, get_settings
 
 app = typer.Typer(
@@ -22,6 +24,9 @@ ledger_app = typer.Typer(help="Ledger jobs.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(import_app, name="import")
 app.add_typer(ledger_app, name="ledger")
+app.add_typer(events_app, name="events")
+# Production runs `omniloyal serve` replicas plus `omniloyal worker` replicas (ARCHITECTURE.md).
+app.command("worker", help="Run the outbox dispatcher and the event consumers until Ctrl-C.")(events_worker)
 
 err = Console(stderr=True)
 

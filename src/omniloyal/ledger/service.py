@@ -31,6 +31,7 @@ from omniloyal.auth.schemas import Principal
 from omniloyal.auth.service import record_audit
 from omniloyal.catalog.models import LegalEntity
 from omniloyal.db.engine import Database
+from omniloyal.events.outbox import emit
 from omniloyal.kernel.clock import ensure_utc, utcnow
 from omniloyal.kernel.errors import AppError, Conflict, NotFound, not_found
 from omniloyal.kernel.money import ZERO, quantize
@@ -168,6 +169,10 @@ def _lock_accounts(session: Session, account_ids: Iterable[int]) -> list[Account
     return list(session.scalars(stmt).all())
 
 
+# The ledger entries the event stream carries (one event per entry, in the entry's transaction).
+_ENTRY_EVENTS = {"accrual": "points.accrued", "write_off": "points.written_off", "expiry": "points.expired"}
+
+
 def _entry(
     session: Session,
     *,
@@ -198,6 +203,23 @@ def _entry(
     )
     session.add(entry)
     session.flush()
+    event_type = _ENTRY_EVENTS.get(kind)
+    if event_type is not None and member_id is not None:
+        emit(
+            session,
+            f"{event_type}:{entry.id}",
+            event_type,
+            member_id=member_id,
+            occurred_at=at,
+            properties={
+                "currency": currency,
+                "amount": f"{abs(amount):f}",
+                "entry": entry.id,
+                "source": source,
+                "source_ref": source_ref,
+                "reason": reason,
+            },
+        )
     return entry
 
 

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
+from uuid import uuid4
 
 from sqlalchemy import ColumnElement, or_, select
 from sqlalchemy.exc import IntegrityError
@@ -22,6 +23,7 @@ from sqlalchemy.orm import Session
 from omniloyal.auth.schemas import Principal
 from omniloyal.auth.service import record_audit
 from omniloyal.db.engine import Database
+from omniloyal.events.outbox import emit
 from omniloyal.kernel.clock import ensure_utc, utcnow
 from omniloyal.kernel.errors import AppError, Conflict, NotFound, not_found
 from omniloyal.kernel.pagination import Page, cut, paginate
@@ -180,6 +182,45 @@ def _unique_violations(session: Session, card_field: str = "number") -> Iterator
 def _flush(session: Session, card_field: str = "number") -> None:
     with _unique_violations(session, card_field):
         pass
+
+
+# ---------------------------------------------------------------- events (outbox, same transaction)
+
+
+def _questionnaire(session: Session, member: Member) -> dict[str, Any]:
+    """The member as ``member.registered`` / ``member.updated`` carry it (docs/events.md)."""
+    consents = session.scalars(select(MemberConsent).where(MemberConsent.member_id == member.id))
+    return {
+        "first_name": member.first_name,
+        "last_name": member.last_name,
+        "middle_name": member.middle_name,
+        "gender": member.gender,
+        "birth_date": member.birth_date.isoformat() if member.birth_date else None,
+        "city": member.city,
+        "phone": member.phone,
+        "email": member.email,
+        "children": list(member.children or []),
+        "pets": list(member.pets or []),
+        "preferred_categories": list(member.preferred_categories or []),
+        "attributes": dict(member.attributes or {}),
+        "consents": {
+            c.channel: {"granted": c.granted, "at": c.changed_at.isoformat(), "source": c.source}
+            for c in consents
+        },
+        "created_at": member.created_at.isoformat(),
+    }
+
+
+def _card_event(session: Session, card: Card, event_type: str, **properties: Any) -> None:
+    # Blocking and unblocking can repeat: those ids get a unique suffix.
+    suffix = f":{uuid4().hex}" if event_type in ("card.blocked", "card.unblocked") else ""
+    emit(
+        session,
+        f"{event_type}:{card.id}{suffix}",
+        event_type,
+        member_id=card.member_id,
+        properties={"card": card.number, "kind": card.kind, **properties},
+    )
 
 
 # ---------------------------------------------------------------- identifiers
@@ -409,6 +450,10 @@ def _move_card(session: Session, card: Card, target: str, field: str) -> None:
             )
         _check_card_limit(session, card, field)
         card.activated_at = now
+        card.state = target
+        card.updated_at = now
+        _card_event(session, card, "card.activated")
+        return
     card.state = target
     card.updated_at = now
 
@@ -516,6 +561,14 @@ def create_member_in(session: Session, data: MemberCreate, region: str) -> Membe
                         member_id=member.id, channel=channel, granted=granted, changed_at=now, source=source
                     )
                 )
+    emit(
+        session,
+        f"member.registered:{member.id}",
+        "member.registered",
+        member_id=member.id,
+        occurred_at=member.registered_at,
+        properties={"member": _questionnaire(session, member)},
+    )
     return member
 
 
@@ -574,6 +627,14 @@ def update_member(
             member.updated_at = utcnow()
             _flush(session)
             record_audit(session, actor, "update", "member", member.id, before, after)
+            emit(
+                session,
+                f"member.updated:{member.id}:{uuid4().hex}",
+                "member.updated",
+                member_id=member.id,
+                occurred_at=member.updated_at,
+                properties={"member": _questionnaire(session, member), "changed": sorted(after)},
+            )
         return _member_out(session, member)
 
 
@@ -663,6 +724,14 @@ def set_consents(db: Database, member_id: int, data: ConsentsIn, actor: Principa
                 rows[channel] = row
             row.granted, row.changed_at, row.source = granted, now, source
             after[channel] = _consent_json(row)
+            emit(
+                session,
+                f"consent.changed:{member_id}:{channel}:{uuid4().hex}",
+                "consent.changed",
+                member_id=member_id,
+                occurred_at=now,
+                properties={"channel": channel, "granted": granted, "source": source},
+            )
         if after:
             record_audit(session, actor, "consents", "member", member_id, before, after)
         return _consents_out(rows.values())
@@ -753,7 +822,7 @@ def activate_card(db: Database, number: str, actor: Principal) -> CardOut:
 
 
 def block_card(db: Database, number: str, data: CardBlock, actor: Principal) -> CardOut:
-    def block(_: Session, card: Card) -> None:
+    def block(session: Session, card: Card) -> None:
         if card.state != "activated":
             raise Conflict(
                 "card_not_active", f"Only an activated card can be blocked; {card.number} is {card.state}"
@@ -763,18 +832,20 @@ def block_card(db: Database, number: str, data: CardBlock, actor: Principal) -> 
         now = utcnow()
         card.blocked, card.block_reason, card.block_comment = True, data.reason, data.comment
         card.blocked_at = card.updated_at = now
+        _card_event(session, card, "card.blocked", reason=data.reason)
 
     return _change_card(db, number, actor, "block", block)
 
 
 def unblock_card(db: Database, number: str, actor: Principal) -> CardOut:
-    def unblock(_: Session, card: Card) -> None:
+    def unblock(session: Session, card: Card) -> None:
         if card.state == "replaced":
             raise Conflict("invalid_card_state", f"Card {card.number} was replaced; use its successor")
         if not card.blocked:
             raise Conflict("card_not_blocked", f"Card {card.number} is not blocked")
         card.blocked, card.block_reason, card.block_comment, card.blocked_at = False, None, None, None
         card.updated_at = utcnow()
+        _card_event(session, card, "card.unblocked")
 
     return _change_card(db, number, actor, "unblock", unblock)
 
@@ -834,6 +905,7 @@ def replace_card(db: Database, number: str, new_number: str, actor: Principal) -
                 now,
                 now,
             )
+        _card_event(session, old, "card.replaced", new_card=new.number)
         old_out, new_out = _cards_out(session, [old, new])
         record_audit(
             session, actor, "replace", "card", old.number, old_before, old_out.model_dump(mode="json")

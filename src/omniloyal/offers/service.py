@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar
+from uuid import uuid4
 
 from pydantic import TypeAdapter
 from sqlalchemy import delete, func, insert, or_, select
@@ -36,6 +37,7 @@ from omniloyal.auth.schemas import Principal
 from omniloyal.auth.service import record_audit
 from omniloyal.catalog.models import Category, LegalEntity, PaymentMethod, Product, ProductGroup, Store
 from omniloyal.db.engine import Database
+from omniloyal.events.outbox import emit
 from omniloyal.kernel.clock import ensure_utc, utcnow
 from omniloyal.kernel.errors import AppError, Conflict, NotFound, not_found
 from omniloyal.kernel.money import quantize
@@ -617,6 +619,14 @@ def _changed(
         audience.source = source
         audience.updated_at = utcnow()
     session.flush()
+    if added or removed:
+        emit(
+            session,
+            f"target_audience.changed:{audience.id}:{uuid4().hex}",
+            "target_audience.changed",
+            occurred_at=audience.updated_at,
+            properties={"audience": audience.id, "code": audience.code, "added": added, "removed": removed},
+        )
     return AudienceMembersResult(
         code=audience.code, added=added, removed=removed, member_count=_member_count(session, audience.id)
     )

@@ -92,15 +92,3 @@ def purchase_refunded(
             ],
         },
     )
-
-
-def purchase_cancelled(operation: Operation, *, store_code: str, channel: str) -> EventEnvelope:
-    return envelope(
-        f"purchase.cancelled:{operation.id}",
-        "purchase.cancelled",
-        member_id=operation.member_id,
-        occurred_at=operation.cancelled_at,
-        source=channel,
-        store=store_code,
-        properties={"operation": operation.id, "operation_id": operation.operation_id, "channel": channel},
-    )

@@ -26,8 +26,9 @@ from sqlalchemy.orm import Session
 
 from omniloyal.auth.schemas import Principal
 from omniloyal.catalog import service as catalog
-from omniloyal.catalog.models import LegalEntity, Store
+from omniloyal.catalog.models import Category, LegalEntity, Product, Store
 from omniloyal.db.engine import Database
+from omniloyal.events.outbox import emit_many
 from omniloyal.kernel.clock import utcnow
 from omniloyal.kernel.errors import AppError, Conflict, Forbidden, NotFound
 from omniloyal.ledger import refunds
@@ -37,6 +38,7 @@ from omniloyal.members import service as members
 from omniloyal.members.models import Card, Member
 from omniloyal.offers import engine
 from omniloyal.offers import snapshot as offers
+from omniloyal.processing import events as purchase_events
 from omniloyal.processing.models import Operation, PurchaseLine
 from omniloyal.processing.schemas import (
     BalanceOut,
@@ -531,6 +533,28 @@ def _offer_spending(session: Session, operation: Operation) -> tuple[dict[int, D
     return points, money
 
 
+def _emit_confirmed(session: Session, operation: Operation, store: Store) -> None:
+    """``purchase.confirmed`` with the whole cheque, in the confirming transaction."""
+    lines = list(
+        session.scalars(
+            select(PurchaseLine).where(PurchaseLine.operation_id == operation.id).order_by(PurchaseLine.line)
+        )
+    )
+    skus = list({line.sku for line in lines})
+    categories: dict[str, str | None] = dict.fromkeys(skus)
+    if skus:
+        rows = session.execute(
+            select(Product.sku, Category.path)
+            .outerjoin(Category, Category.id == Product.category_id)
+            .where(Product.sku.in_(skus))
+        )
+        categories.update({sku: path for sku, path in rows})
+    event = purchase_events.purchase_confirmed(
+        operation, lines, store_code=store.code, channel=store.channel, categories=categories
+    )
+    emit_many(session, [event])
+
+
 def confirm(db: Database, principal: Principal, request: OperationRef) -> ConfirmResponse:
     with db.transaction() as session:
         store = _store(session, principal, request.store)
@@ -590,6 +614,7 @@ def confirm(db: Database, principal: Principal, request: OperationRef) -> Confir
             "state": "confirmed",
             "confirmation": answer.model_dump(mode="json"),
         }
+        _emit_confirmed(session, operation, store)
         return answer
 
 
@@ -661,6 +686,7 @@ def refund(db: Database, principal: Principal, request: RefundRequest) -> Refund
         returned: dict[str, Decimal] = {}
         refunded_amount = ZERO
         out_lines: list[dict[str, Any]] = []
+        refunded: list[tuple[PurchaseLine, Decimal, Decimal]] = []
         for index, (number, quantity) in enumerate(wanted):
             line = lines.get(number)
             if line is None:
@@ -683,6 +709,7 @@ def refund(db: Database, principal: Principal, request: RefundRequest) -> Refund
                 returned[currency] = returned.get(currency, ZERO) + Decimal(value) * share
             line.refunded_quantity += quantity
             out_lines.append({"line": number, "quantity": str(quantity), "amount": str(money)})
+            refunded.append((line, quantity, money))
         precision = {
             code: places for code, places in session.execute(select(Currency.code, Currency.precision))
         }
@@ -732,26 +759,33 @@ def refund(db: Database, principal: Principal, request: RefundRequest) -> Refund
             points_returned=returned,
             balance=balances,
         )
-        session.add(
-            Operation(
-                operation_id=request.operation_id,
-                store_id=store.id,
-                kind="refund",
-                state="confirmed",
-                member_id=member_id,
-                card_id=purchase.card_id,
-                purchase_id=purchase.id,
-                cheque_number=purchase.cheque_number,
-                cheque_at=utcnow(),
-                amount=refunded_amount,
-                write_off=_amounts(returned),
-                accrual=_amounts(taken),
-                plan={"request_digest": digest},
-                response=answer.model_dump(mode="json"),
-                confirmed_at=utcnow(),
-            )
+        refund_operation = Operation(
+            operation_id=request.operation_id,
+            store_id=store.id,
+            kind="refund",
+            state="confirmed",
+            member_id=member_id,
+            card_id=purchase.card_id,
+            purchase_id=purchase.id,
+            cheque_number=purchase.cheque_number,
+            cheque_at=utcnow(),
+            amount=refunded_amount,
+            write_off=_amounts(returned),
+            accrual=_amounts(taken),
+            plan={"request_digest": digest},
+            response=answer.model_dump(mode="json"),
+            confirmed_at=utcnow(),
         )
+        session.add(refund_operation)
         session.flush()
+        emit_many(
+            session,
+            [
+                purchase_events.purchase_refunded(
+                    refund_operation, purchase, refunded, store_code=store.code, channel=store.channel
+                )
+            ],
+        )
         return answer
 
 
@@ -850,4 +884,5 @@ def _offline_one(
         money={},
     )
     session.flush()
+    _emit_confirmed(session, operation, store)
     return OfflineResult(index=index, operation_id=item.operation_id, status="accepted", accrued=accrued)
