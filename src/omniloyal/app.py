@@ -92,6 +92,26 @@ async def _ledger_jobs(db: Database, interval: int) -> None:
         await asyncio.sleep(interval)
 
 
+async def _daily_jobs(db: Database, settings: Settings) -> None:
+    """The ``birthday`` member event, once per day in the retailer's time zone (idempotent per
+    member and date, so several replicas or a restart never give a birthday bonus twice)."""
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    from omniloyal.events.service import run_birthdays
+
+    done_for = None
+    while True:
+        today = datetime.now(ZoneInfo(settings.default_timezone)).date()
+        if today != done_for:
+            try:
+                await asyncio.to_thread(run_birthdays, db, today, settings.default_timezone)
+                done_for = today
+            except Exception:  # retried next round
+                log.exception("birthday events failed")
+        await asyncio.sleep(settings.ledger_job_interval_seconds)
+
+
 def create_app(
     settings: Settings | None = None, db: Database | None = None, *, run_jobs: bool = False
 ) -> FastAPI:
@@ -106,6 +126,7 @@ def create_app(
             from omniloyal.events.consumers import Runtime
 
             tasks.append(asyncio.create_task(_ledger_jobs(database, settings.ledger_job_interval_seconds)))
+            tasks.append(asyncio.create_task(_daily_jobs(database, settings)))
             # The outbox dispatcher and the event consumers, in background threads.
             runtime = Runtime(settings, database)
             await asyncio.to_thread(runtime.start)

@@ -161,6 +161,26 @@ def ledger_jobs() -> None:
     run_jobs(db)
 
 
+@app.command("birthdays")
+def birthdays(
+    day: Annotated[str | None, typer.Option("--date", help="YYYY-MM-DD; default: today")] = None,
+) -> None:
+    """Send today's `birthday` member events to the offers (the server does this daily)."""
+    from datetime import date, datetime
+    from zoneinfo import ZoneInfo
+
+    from omniloyal.events.service import run_birthdays
+
+    settings = get_settings()
+    try:
+        today = date.fromisoformat(day) if day else datetime.now(ZoneInfo(settings.default_timezone)).date()
+    except ValueError as exc:
+        err.print(f"[red]error (invalid_date):[/red] --date {day!r} is not YYYY-MM-DD")
+        raise typer.Exit(2) from exc
+    count = run_birthdays(_db(settings), today, settings.default_timezone)
+    err.print(f"birthday events for {today.isoformat()}: {count} members")
+
+
 def main() -> None:
     app()
 
