@@ -66,12 +66,14 @@ def _routers() -> list[Any]:
     from omniloyal.events.api import router as events_router
     from omniloyal.ledger.api import router as ledger_router
     from omniloyal.members.api import router as members_router
+    from omniloyal.members.quality_api import router as quality_router
     from omniloyal.offers.api import router as offers_router
     from omniloyal.processing.api import router as processing_router
 
     return [
         auth_router,
         catalog_router,
+        quality_router,  # before members: /members/duplicates is not /members/{member_id}
         members_router,
         ledger_router,
         offers_router,

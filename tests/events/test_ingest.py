@@ -5,7 +5,10 @@ from __future__ import annotations
 from datetime import date
 from typing import Any
 
+from sqlalchemy import select
+
 from omniloyal.db.engine import Database
+from omniloyal.events.models import OutboxEvent
 from omniloyal.events.service import run_birthdays
 from omniloyal.offers.models import Offer
 from tests.conftest import Api, assert_error
@@ -111,3 +114,43 @@ def test_birthday_job_runs_once_per_day(api: Api, db: Database) -> None:
     assert run_birthdays(db, date(2026, 5, 17)) == 0
     assert run_birthdays(db, date(2026, 5, 18)) == 0
     assert _available(api, member_id) == "300.00"
+
+
+def test_member_events_and_birthdays_are_written_to_the_outbox(api: Api, db: Database) -> None:
+    member_id = _setup(api, db)
+    event = {
+        "id": "ev-out",
+        "type": "mobile_app_installed",
+        "occurred_at": "2026-11-23T10:00:00+03:00",
+        "member": {"card": "5550"},
+        "source": "mobile_app",
+        "properties": {"platform": "ios"},
+    }
+    assert api.post("/api/v1/events", json=[event]).json()["accepted"] == 1
+    assert run_birthdays(db, date(2026, 5, 17)) == 1
+    with db.reading() as session:
+        rows = session.execute(
+            select(OutboxEvent.event_id, OutboxEvent.type, OutboxEvent.member_id, OutboxEvent.payload).where(
+                OutboxEvent.type.in_(["mobile_app_installed", "birthday"])
+            )
+        ).all()
+    by_id = {r[0]: r for r in rows}
+    assert set(by_id) == {"ev-out", f"birthday:{member_id}:2026-05-17"}
+    assert by_id["ev-out"][2] == member_id and by_id["ev-out"][3]["source"] == "mobile_app"
+    assert by_id["ev-out"][3]["properties"] == {"platform": "ios"}
+    assert by_id[f"birthday:{member_id}:2026-05-17"][1] == "birthday"
+
+
+def test_a_batch_over_the_limit_is_too_large(api: Api, db: Database) -> None:
+    _setup(api, db)
+    event = {
+        "type": "mobile_app_installed",
+        "occurred_at": "2026-11-23T10:00:00Z",
+        "member": {"card": "5550"},
+    }
+    batch = [{"id": f"e{i}", **event} for i in range(1001)]
+    assert_error(api.post("/api/v1/events", json=batch), 413, "batch_too_large")
+    with db.reading() as session:
+        assert (
+            session.scalar(select(OutboxEvent.seq).where(OutboxEvent.type == "mobile_app_installed")) is None
+        )

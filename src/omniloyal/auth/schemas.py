@@ -7,8 +7,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Role = Literal["admin", "marketer", "operator", "analyst", "pos", "client"]
-ROLES: tuple[str, ...] = ("admin", "marketer", "operator", "analyst", "pos", "client")
+# tracker: the write-only key a website's JS tracker carries in public; it can send web events only.
+Role = Literal["admin", "marketer", "operator", "analyst", "pos", "client", "tracker"]
+ROLES: tuple[str, ...] = ("admin", "marketer", "operator", "analyst", "pos", "client", "tracker")
 
 
 class Principal(BaseModel):

@@ -1,20 +1,31 @@
 """Event ingest: validate each event on its own, keep the valid ones, run member-event offers.
 
 A batch answers per event (``accepted`` / ``duplicate`` / ``rejected`` with the error and the
-event's index); one bad event never loses the others. Each event is stored and processed in
-its own short transaction, so a repeated event id changes nothing.
+event's index); one bad event never loses the others.
+
+* Web, app and contact-centre events (``events.tracking.WEB_TYPES``) take the fast path: the
+  whole batch is checked with a handful of queries (ids already in the outbox, members by
+  each kind of identifier, stores, visitor links) and written to the outbox with one INSERT,
+  in one transaction.
+* Member events (``member_registered``, ``mobile_app_installed``...) run the offers engine,
+  each in its own short transaction that stores the event, books its points and writes its
+  envelope to the outbox.
+
+Every accepted event becomes an :class:`EventEnvelope` of the same type in the outbox; an id
+already there is answered ``duplicate`` and changes nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from datetime import date, datetime, timedelta
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from pydantic import ValidationError
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -22,19 +33,29 @@ from omniloyal.auth.schemas import Principal
 from omniloyal.catalog import service as catalog
 from omniloyal.catalog.models import Store
 from omniloyal.db.engine import Database
-from omniloyal.events.models import Event
+from omniloyal.events import tracking
+from omniloyal.events.envelope import EventEnvelope
+from omniloyal.events.models import Event, OutboxEvent
+from omniloyal.events.outbox import emit_many
 from omniloyal.events.schemas import EventIn, EventResult, IngestResponse, MemberRefIn
 from omniloyal.kernel.clock import utcnow
 from omniloyal.kernel.errors import AppError, NotFound
 from omniloyal.ledger import service as ledger
 from omniloyal.members import service as members
-from omniloyal.members.models import Card, Member
+from omniloyal.members.merge import resolve, resolve_merged
+from omniloyal.members.models import AnonymousLink, Card, Member
+from omniloyal.members.normalize import normalize_email, normalize_phone
+from omniloyal.members.schemas import normalize_card_number
 from omniloyal.offers import engine
 from omniloyal.offers import snapshot as offers
 
 MAX_BATCH = 1000
-# Event types accepted today; the web/app tracking types arrive with the event-stream work.
-ACCEPTED_TYPES = frozenset(engine.MEMBER_EVENTS) - {"purchase_confirmed"}
+# Member events run the offers engine (points for installing the app, birthdays...).
+MEMBER_TYPES = frozenset(engine.MEMBER_EVENTS) - {"purchase_confirmed"}
+ACCEPTED_TYPES = MEMBER_TYPES | tracking.WEB_TYPES
+# Roles that may send events; a "tracker" key (public, in a site's page) sends web types only.
+TRACKER_ROLE = "tracker"
+_RETRIES = 3
 
 
 def _error_of(exc: ValidationError) -> dict[str, Any]:
@@ -45,44 +66,384 @@ def _error_of(exc: ValidationError) -> dict[str, Any]:
     return {"code": code, "message": str(first.get("msg", "invalid")), "field": field}
 
 
-def ingest(
-    db: Database, principal: Principal, body: Any, region: str, default_timezone: str
-) -> IngestResponse:
+def batch_items(body: Any) -> list[Any]:
+    """The events of a request body: a JSON list, or ``{"events": [...]}``."""
     items = body.get("events") if isinstance(body, dict) else body
     if not isinstance(items, list):
         raise AppError("invalid_batch", 'Send a JSON list of events (or {"events": [...]})', field="events")
     if len(items) > MAX_BATCH:
-        raise AppError("batch_too_large", f"At most {MAX_BATCH} events per request", field="events")
-    results: list[EventResult] = []
+        raise AppError(
+            "batch_too_large",
+            f"At most {MAX_BATCH} events per request, got {len(items)}: split the batch",
+            field="events",
+            status_code=413,
+        )
+    return items
+
+
+# Who a message was sent to, by message id: messaging registers one, so a click from a message
+# (the tracker sends ``properties.message_id``) links the visitor even before any login.
+MessageLookup = Callable[[Session, set[str]], dict[str, int]]
+_message_lookups: list[MessageLookup] = []
+
+
+def register_message_lookup(lookup: MessageLookup) -> None:
+    """``lookup(session, message_ids) -> {message_id: member_id}`` for the messages it knows."""
+    if lookup not in _message_lookups:
+        _message_lookups.append(lookup)
+
+
+@dataclass(slots=True)
+class _Web:
+    """A web event that passed the checks that need no database."""
+
+    index: int
+    event: EventIn
+    occurred_at: datetime
+    source: str
+    properties: dict[str, Any]
+    utm: dict[str, str]
+    # (kind, normalised value) of the member identifier, if any
+    ref: tuple[str, Any] | None
+    member_id: int | None = None
+    warning: str | None = None
+
+
+@dataclass(slots=True)
+class _Batch:
+    web: list[_Web] = field(default_factory=list)
+    member: list[tuple[int, EventIn]] = field(default_factory=list)
+
+
+def ingest(
+    db: Database, principal: Principal, body: Any, region: str, default_timezone: str
+) -> IngestResponse:
+    items = batch_items(body)
+    results: list[EventResult | None] = [None] * len(items)
+    batch = _Batch()
+    cache: dict[tuple[str, str], Any] = {}
     for index, raw in enumerate(items):
         try:
             event = EventIn.model_validate(raw)
         except ValidationError as exc:
             event_id = raw.get("id") if isinstance(raw, dict) else None
-            results.append(
-                EventResult(
-                    index=index,
-                    id=str(event_id) if event_id else None,
-                    status="rejected",
-                    error=_error_of(exc),
-                )
+            results[index] = EventResult(
+                index=index, id=str(event_id) if event_id else None, status="rejected", error=_error_of(exc)
             )
             continue
         try:
-            with db.transaction() as session:
-                results.append(_one(session, index, event, region, default_timezone))
+            _classify(batch, principal, index, event, region, cache)
         except AppError as exc:
-            results.append(
-                EventResult(index=index, id=event.id, status="rejected", error=exc.to_dict()["error"])
+            results[index] = EventResult(
+                index=index, id=event.id, status="rejected", error=exc.to_dict()["error"]
             )
-        except IntegrityError:
-            results.append(EventResult(index=index, id=event.id, status="duplicate"))
-    return IngestResponse(
-        accepted=sum(r.status == "accepted" for r in results),
-        duplicates=sum(r.status == "duplicate" for r in results),
-        rejected=sum(r.status == "rejected" for r in results),
-        results=results,
+    if batch.web:
+        for index, result in _ingest_web(db, principal, batch.web).items():
+            results[index] = result
+    for index, event in batch.member:
+        results[index] = _ingest_member_event(db, principal, index, event, region, default_timezone)
+    final = [r for r in results if r is not None]
+    return IngestResponse.model_construct(
+        accepted=sum(r.status == "accepted" for r in final),
+        duplicates=sum(r.status == "duplicate" for r in final),
+        rejected=sum(r.status == "rejected" for r in final),
+        results=final,
     )
+
+
+def _classify(
+    batch: _Batch,
+    principal: Principal,
+    index: int,
+    event: EventIn,
+    region: str,
+    cache: dict[tuple[str, str], Any],
+) -> None:
+    """Checks what needs no database; web events go to the fast path, member events aside."""
+    if event.occurred_at.tzinfo is None or event.occurred_at.utcoffset() is None:
+        raise AppError("invalid_time", "occurred_at must carry a UTC offset", field="occurred_at")
+    if event.type in MEMBER_TYPES:
+        if principal.role == TRACKER_ROLE:
+            raise AppError(
+                "forbidden_event_type",
+                f"A tracker key sends web events only, not {event.type!r} (it would run offers)",
+                field="type",
+                status_code=403,
+            )
+        batch.member.append((index, event))
+        return
+    if event.type not in tracking.WEB_TYPES:
+        raise AppError(
+            "unknown_event_type",
+            f"Event type {event.type!r} is not accepted here; one of: " + ", ".join(sorted(ACCEPTED_TYPES)),
+            field="type",
+        )
+    properties = tracking.check_properties(event.type, event.properties)
+    if event.url is not None:
+        properties.setdefault("url", event.url)
+    if event.referrer is not None:
+        properties.setdefault("referrer", event.referrer)
+    ref = _ref_key(event.member, region, cache) if event.member is not None else None
+    if event.type == "identify" and ref is None:
+        raise AppError("member_required", "An identify event names its member", field="member")
+    if ref is None and event.anonymous_id is None and principal.role != "client":
+        raise AppError(
+            "identity_required", "An event needs its member or its anonymous_id (the visitor)", field="member"
+        )
+    batch.web.append(
+        _Web(
+            index=index,
+            event=event,
+            occurred_at=event.occurred_at.astimezone(UTC),
+            source=tracking.check_source(event.source, event.type, "web"),
+            properties=properties,
+            utm=tracking.utm_of(event.utm, event.url),
+            ref=ref,
+        )
+    )
+
+
+def _ref_key(ref: MemberRefIn, region: str, cache: dict[tuple[str, str], Any]) -> tuple[str, Any]:
+    """The first identifier given, normalised: ``id``, ``card``, ``external_id``, ``phone``, ``email``."""
+    if ref.id is not None:
+        return "id", ref.id
+    for kind in ("card", "external_id", "phone", "email"):
+        raw = getattr(ref, kind)
+        if raw is None or not raw.strip():
+            continue
+        key = (kind, raw)
+        if key not in cache:
+            if kind == "card":
+                number = normalize_card_number(raw)
+                if number is None:
+                    raise AppError(
+                        "invalid_card_number", f"{raw!r} is not a card number", field="member.card"
+                    )
+                cache[key] = number
+            elif kind == "phone":
+                cache[key] = normalize_phone(raw, region, field="member.phone")
+            elif kind == "email":
+                cache[key] = normalize_email(raw, field="member.email")
+            else:
+                cache[key] = raw.strip()
+        return kind, cache[key]
+    raise AppError(
+        "identifier_required", "Give one identifier: id, card, phone, email or external_id", field="member"
+    )
+
+
+# ---------------------------------------------------------------- web events: the fast path
+
+
+def _ingest_web(db: Database, principal: Principal, items: list[_Web]) -> dict[int, EventResult]:
+    for attempt in range(_RETRIES):
+        try:
+            with db.transaction() as session:
+                return _write_web(session, principal, items)
+        except IntegrityError:
+            # A concurrent request wrote one of these ids (or links) first: look again.
+            if attempt == _RETRIES - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _member_ids(session: Session, refs: Iterable[tuple[str, Any]]) -> dict[tuple[str, Any], int]:
+    """Members by identifier, one query per kind of identifier; merged members answer with the kept."""
+    wanted: dict[str, set[Any]] = {}
+    for kind, value in refs:
+        wanted.setdefault(kind, set()).add(value)
+    found: dict[tuple[str, Any], int] = {}
+    columns = {
+        "id": (Member.id, Member.id),
+        "card": (Card.number, Card.member_id),
+        "external_id": (Member.external_id, Member.id),
+        "phone": (Member.phone, Member.id),
+        "email": (Member.email, Member.id),
+    }
+    for kind, values in wanted.items():
+        key_column, id_column = columns[kind]
+        rows = session.execute(select(key_column, id_column).where(key_column.in_(values))).all()
+        for value, member_id in rows:
+            if member_id is not None:
+                found[(kind, value)] = member_id
+    merged = resolve_merged(session, set(found.values()))
+    return {key: merged.get(member_id, member_id) for key, member_id in found.items()}
+
+
+def _write_web(session: Session, principal: Principal, items: list[_Web]) -> dict[int, EventResult]:
+    results: dict[int, EventResult] = {}
+    known = set(
+        session.scalars(
+            select(OutboxEvent.event_id).where(OutboxEvent.event_id.in_({w.event.id for w in items}))
+        )
+    )
+    members_by_ref = _member_ids(session, [w.ref for w in items if w.ref is not None])
+    stores = {w.event.store for w in items if w.event.store}
+    known_stores = set(session.scalars(select(Store.code).where(Store.code.in_(stores)))) if stores else set()
+    own = resolve(session, principal.member_id) if principal.role == "client" else None
+    accepted: list[_Web] = []
+    seen: set[str] = set()
+    for item in items:
+        event = item.event
+        if event.id in known or event.id in seen:
+            results[item.index] = EventResult(index=item.index, id=event.id, status="duplicate")
+            continue
+        try:
+            if event.store and event.store not in known_stores:
+                raise NotFound("unknown_store", f"No store {event.store!r}", field="store")
+            if item.ref is not None:
+                item.member_id = members_by_ref.get(item.ref)
+                if item.member_id is None:
+                    if event.anonymous_id is None:
+                        raise NotFound("unknown_member", "No member with this identifier", field="member")
+                    # The site knows someone the loyalty programme does not: keep the visit.
+                    item.warning = "unknown_member"
+            if own is not None:
+                if item.member_id is not None and item.member_id != own:
+                    raise AppError(
+                        "member_scope",
+                        "A client key sends events of its own member only",
+                        field="member",
+                        status_code=403,
+                    )
+                item.member_id = own
+        except AppError as exc:
+            results[item.index] = EventResult(
+                index=item.index, id=event.id, status="rejected", error=exc.to_dict()["error"]
+            )
+            continue
+        seen.add(event.id)
+        accepted.append(item)
+    _members_of_messages(session, accepted)
+    now = utcnow()
+    links = _links(session, accepted, now)  # also attributes anonymous events of linked visitors
+    emit_many(session, [*(_envelope(item, now) for item in accepted), *links])
+    for item in accepted:
+        results[item.index] = EventResult(
+            index=item.index, id=item.event.id, status="accepted", warning=item.warning
+        )
+    return results
+
+
+def _members_of_messages(session: Session, accepted: list[_Web]) -> None:
+    clicks = [
+        w
+        for w in accepted
+        if w.member_id is None and w.event.anonymous_id and w.properties.get(tracking.MESSAGE_ID_PROPERTY)
+    ]
+    if not clicks or not _message_lookups:
+        return
+    ids = {str(w.properties[tracking.MESSAGE_ID_PROPERTY]) for w in clicks}
+    found: dict[str, int] = {}
+    for lookup in _message_lookups:
+        found.update(lookup(session, ids - set(found)))
+    merged = resolve_merged(session, set(found.values()))
+    for item in clicks:
+        member_id = found.get(str(item.properties[tracking.MESSAGE_ID_PROPERTY]))
+        if member_id is not None:
+            item.member_id = merged.get(member_id, member_id)
+
+
+def _envelope(item: _Web, now: datetime) -> EventEnvelope:
+    event = item.event
+    return EventEnvelope(
+        id=event.id,
+        type=event.type,
+        occurred_at=item.occurred_at,
+        received_at=now,
+        member_id=item.member_id,
+        anonymous_id=event.anonymous_id,
+        source=item.source,
+        store=event.store,
+        properties=item.properties,
+        utm=item.utm,
+    )
+
+
+def _links(session: Session, accepted: list[_Web], now: datetime) -> list[EventEnvelope]:
+    """Visitor-member links: new ones are stored and announced (``identity.linked``), once per
+    pair; an anonymous event of a visitor already linked is attributed to the member linked last."""
+    visitors = {w.event.anonymous_id for w in accepted if w.event.anonymous_id is not None}
+    if not visitors:
+        return []
+    rows = session.execute(
+        select(AnonymousLink.anonymous_id, AnonymousLink.member_id, AnonymousLink.linked_at).where(
+            AnonymousLink.anonymous_id.in_(visitors)
+        )
+    ).all()
+    pairs: set[tuple[str, int]] = {(visitor, member_id) for visitor, member_id, _ in rows}
+    latest: dict[str, tuple[datetime, int]] = {}
+    for visitor, member_id, linked_at in rows:
+        if visitor not in latest or linked_at >= latest[visitor][0]:
+            latest[visitor] = (linked_at, member_id)
+    merged = resolve_merged(session, {member_id for _, member_id in pairs})
+    new_rows: list[dict[str, Any]] = []
+    envelopes: list[EventEnvelope] = []
+    for item in accepted:
+        anonymous_id = item.event.anonymous_id
+        if anonymous_id is None:
+            continue
+        if item.member_id is None:
+            # (An event naming someone the programme does not know is not given to the last member.)
+            if item.ref is None and anonymous_id in latest:
+                member_id = latest[anonymous_id][1]
+                item.member_id = merged.get(member_id, member_id)
+            continue
+        if not (
+            item.event.type in tracking.IDENTIFYING_TYPES
+            or item.properties.get(tracking.MESSAGE_ID_PROPERTY) is not None
+        ):
+            continue
+        pair = (anonymous_id, item.member_id)
+        if pair in pairs:
+            continue
+        pairs.add(pair)
+        latest[anonymous_id] = (now, item.member_id)
+        new_rows.append(
+            {
+                "anonymous_id": anonymous_id,
+                "member_id": item.member_id,
+                "linked_at": now,
+                "event_id": item.event.id,
+            }
+        )
+        envelopes.append(
+            EventEnvelope(
+                id=tracking.identity_link_id(anonymous_id, item.member_id),
+                type="identity.linked",
+                occurred_at=item.occurred_at,
+                received_at=now,
+                member_id=item.member_id,
+                anonymous_id=anonymous_id,
+                source=item.source,
+                store=item.event.store,
+                properties={
+                    "anonymous_id": anonymous_id,
+                    "via": item.event.type,
+                    "event_id": item.event.id,
+                    "history_days": tracking.ANONYMOUS_HISTORY_DAYS,
+                },
+                utm={},
+            )
+        )
+    if new_rows:
+        session.execute(insert(AnonymousLink), new_rows)
+    return envelopes
+
+
+# ---------------------------------------------------------------- member events: offers
+
+
+def _ingest_member_event(
+    db: Database, principal: Principal, index: int, event: EventIn, region: str, default_timezone: str
+) -> EventResult:
+    try:
+        with db.transaction() as session:
+            return _one(session, principal, index, event, region, default_timezone)
+    except AppError as exc:
+        return EventResult(index=index, id=event.id, status="rejected", error=exc.to_dict()["error"])
+    except IntegrityError:
+        return EventResult(index=index, id=event.id, status="duplicate")
 
 
 def _member_id(session: Session, ref: MemberRefIn | None, region: str) -> int:
@@ -91,43 +452,54 @@ def _member_id(session: Session, ref: MemberRefIn | None, region: str) -> int:
     if ref.id is not None:
         if session.get(Member, ref.id) is None:
             raise NotFound("unknown_member", f"No member {ref.id}", field="member.id")
-        return ref.id
+        return resolve(session, ref.id) or ref.id
     if ref.card:
         card = session.scalar(select(Card).where(Card.number == ref.card.strip()))
         if card is None or card.member_id is None:
             raise NotFound("unknown_member", f"No member with card {ref.card!r}", field="member.card")
-        return card.member_id
+        return resolve(session, card.member_id) or card.member_id
     member_id = members.find_member_id(
         session, phone=ref.phone, email=ref.email, external_id=ref.external_id, region=region
     )
     if member_id is None:
         raise NotFound("unknown_member", "No member with this identifier", field="member")
-    return member_id
+    return resolve(session, member_id) or member_id
 
 
-def _one(session: Session, index: int, event: EventIn, region: str, default_timezone: str) -> EventResult:
-    if event.occurred_at.tzinfo is None:
-        raise AppError("invalid_time", "occurred_at must carry a UTC offset", field="occurred_at")
-    if event.type not in ACCEPTED_TYPES:
-        raise AppError(
-            "unknown_event_type",
-            f"Event type {event.type!r} is not accepted here; one of: " + ", ".join(sorted(ACCEPTED_TYPES)),
-            field="type",
-        )
+def _one(
+    session: Session, principal: Principal, index: int, event: EventIn, region: str, default_timezone: str
+) -> EventResult:
     if session.get(Event, event.id) is not None:
         return EventResult(index=index, id=event.id, status="duplicate")
-    member_id = _member_id(session, event.member, region)
+    if session.scalar(select(OutboxEvent.seq).where(OutboxEvent.event_id == event.id)) is not None:
+        return EventResult(index=index, id=event.id, status="duplicate")
+    if principal.role == "client":
+        own = resolve(session, principal.member_id)
+        claimed = own if event.member is None else _member_id(session, event.member, region)
+        if own is None or claimed != own:
+            raise AppError(
+                "member_scope",
+                "A client key sends events of its own member only",
+                field="member",
+                status_code=403,
+            )
+        member_id = own
+    else:
+        member_id = _member_id(session, event.member, region)
     store = catalog.store_by_code(session, event.store) if event.store else None
     outcome = run_member_event(
         session, event.type, event.id, member_id, event.occurred_at, store, event.properties, default_timezone
     )
+    source = tracking.check_source(event.source, event.type, "loyalty")
+    now = utcnow()
     session.add(
         Event(
             id=event.id,
             type=event.type,
             occurred_at=event.occurred_at,
-            received_at=utcnow(),
+            received_at=now,
             member_id=member_id,
+            anonymous_id=event.anonymous_id,
             source=event.source,
             store_code=event.store,
             properties=event.properties,
@@ -135,6 +507,23 @@ def _one(session: Session, index: int, event: EventIn, region: str, default_time
         )
     )
     session.flush()
+    emit_many(
+        session,
+        [
+            EventEnvelope(
+                id=event.id,
+                type=event.type,
+                occurred_at=event.occurred_at.astimezone(UTC),
+                received_at=now,
+                member_id=member_id,
+                anonymous_id=event.anonymous_id,
+                source=source,
+                store=event.store,
+                properties=event.properties,
+                utm=tracking.utm_of(event.utm, event.url),
+            )
+        ],
+    )
     return EventResult(
         index=index, id=event.id, status="accepted", accrued=outcome["accrued"], offers=outcome["offers"]
     )
@@ -245,12 +634,13 @@ def run_birthdays(db: Database, today: date, default_timezone: str = "Europe/Mos
                 outcome = run_member_event(
                     session, "birthday", event_id, member_id, moment, None, {}, default_timezone
                 )
+                now = utcnow()
                 session.add(
                     Event(
                         id=event_id,
                         type="birthday",
                         occurred_at=moment,
-                        received_at=utcnow(),
+                        received_at=now,
                         member_id=member_id,
                         source="scheduler",
                         properties={},
@@ -258,6 +648,19 @@ def run_birthdays(db: Database, today: date, default_timezone: str = "Europe/Mos
                     )
                 )
                 session.flush()
+                emit_many(
+                    session,
+                    [
+                        EventEnvelope(
+                            id=event_id,
+                            type="birthday",
+                            occurred_at=moment.astimezone(UTC),
+                            received_at=now,
+                            member_id=member_id,
+                            source="loyalty",
+                        )
+                    ],
+                )
                 done += 1
         except IntegrityError:
             continue

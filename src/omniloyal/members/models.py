@@ -30,7 +30,7 @@ class Member(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     external_id: Mapped[str | None] = mapped_column(String(100), unique=True, nullable=True)
-    # "active"; later issues add "merged" (with merged_into) for identity merges.
+    # "active", or "merged" (with merged_into_id) once merged into another member.
     status: Mapped[str] = mapped_column(String(20), default="active")
     first_name: Mapped[str | None] = mapped_column(String(100), nullable=True)
     last_name: Mapped[str | None] = mapped_column(String(100), nullable=True)
@@ -54,6 +54,59 @@ class Member(Base):
     registered_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+
+    # ---- identity merge (members.merge): a merged duplicate keeps its row and points here.
+    merged_into_id: Mapped[int | None] = mapped_column(
+        ForeignKey("members.id"), nullable=True, index=True, default=None
+    )
+    merged_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True, default=None)
+
+    # ---- data quality (members.quality.refresh); NULL until the member has been checked.
+    # "valid" | "invalid" | "missing"
+    phone_status: Mapped[str | None] = mapped_column(String(10), nullable=True, default=None)
+    # "mobile", "fixed_line", "fixed_line_or_mobile", "voip", "toll_free", ...
+    phone_type: Mapped[str | None] = mapped_column(String(30), nullable=True, default=None)
+    # The operator the number range was allocated to (not the operator after porting).
+    phone_operator: Mapped[str | None] = mapped_column(String(100), nullable=True, default=None)
+    # "valid" | "invalid" | "missing"
+    email_status: Mapped[str | None] = mapped_column(String(10), nullable=True, default=None)
+    # "Gmail", "Yandex", "Mail.ru", ...; NULL for a company's own domain
+    email_provider: Mapped[str | None] = mapped_column(String(50), nullable=True, default=None)
+    # "valid" (city found in the gazetteer) | "unrecognised" | "invalid" | "missing"
+    address_status: Mapped[str | None] = mapped_column(String(12), nullable=True, default=None)
+    # The city and region as the gazetteer spells them ("Санкт-Петербург", "Ленинградская область"...)
+    city_normalized: Mapped[str | None] = mapped_column(String(200), nullable=True, default=None)
+    region: Mapped[str | None] = mapped_column(String(200), nullable=True, default=None)
+    # Details: issues found, suggestions ("gmial.com" -> "gmail.com"), time zones considered.
+    quality: Mapped[dict[str, Any]] = mapped_column(Json, default=dict, server_default=text("'{}'"))
+    quality_checked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True, default=None)
+
+
+class MemberContactKey(Base):
+    """Canonical contacts of a member (phone in E.164, e-mail with provider aliases folded), from
+    the contact columns and from questionnaire attributes; two members sharing a key are
+    probably one person (``GET /api/v1/admin/members/duplicates``). Kept by ``quality.refresh``."""
+
+    __tablename__ = "member_contact_keys"
+    __table_args__ = (Index("ix_member_contact_keys_member", "member_id"),)
+
+    kind: Mapped[str] = mapped_column(String(10), primary_key=True)  # "phone" | "email"
+    value: Mapped[str] = mapped_column(String(254), primary_key=True)
+    member_id: Mapped[int] = mapped_column(ForeignKey("members.id", ondelete="CASCADE"), primary_key=True)
+
+
+class AnonymousLink(Base):
+    """A web/app visitor id attached to a member (login, registration, identify, a click from a
+    message): its history up to 60 days back belongs to the member (``identity.linked``)."""
+
+    __tablename__ = "anonymous_links"
+    __table_args__ = (Index("ix_anonymous_links_member", "member_id"),)
+
+    anonymous_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    member_id: Mapped[int] = mapped_column(ForeignKey("members.id"), primary_key=True)
+    linked_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # The ingested event that made the link.
+    event_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
 
 
 class Card(Base):

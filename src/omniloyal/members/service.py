@@ -27,6 +27,8 @@ from omniloyal.events.outbox import emit
 from omniloyal.kernel.clock import ensure_utc, utcnow
 from omniloyal.kernel.errors import AppError, Conflict, NotFound, not_found
 from omniloyal.kernel.pagination import Page, cut, paginate
+from omniloyal.members import quality
+from omniloyal.members.merge import resolve
 from omniloyal.members.models import CONSENT_CHANNELS, AttributeDefinition, Card, Member, MemberConsent
 from omniloyal.members.normalize import normalize_email, normalize_phone
 from omniloyal.members.schemas import (
@@ -284,10 +286,16 @@ def find_member_id(
             raise AppError("invalid_card_number", f"{value!r} is not a card number", field="card")
         return session.scalar(select(Card.member_id).where(Card.number == number))
     if kind == "phone":
-        return session.scalar(select(Member.id).where(Member.phone == normalize_phone(value, region)))
-    if kind == "email":
-        return session.scalar(select(Member.id).where(Member.email == normalize_email(value)))
-    return session.scalar(select(Member.id).where(Member.external_id == value))
+        condition = Member.phone == normalize_phone(value, region)
+    elif kind == "email":
+        condition = Member.email == normalize_email(value)
+    else:
+        condition = Member.external_id == value
+    row = session.execute(select(Member.id, Member.merged_into_id).where(condition)).first()
+    if row is None:
+        return None
+    # A merged duplicate keeps its contacts for the record; the member it became answers for them.
+    return row[0] if row[1] is None else resolve(session, row[0])
 
 
 def card_for_processing(session: Session, number: str) -> Card:
@@ -569,6 +577,7 @@ def create_member_in(session: Session, data: MemberCreate, region: str) -> Membe
         occurred_at=member.registered_at,
         properties={"member": _questionnaire(session, member)},
     )
+    quality.refresh(session, [member.id], region)
     return member
 
 
@@ -627,6 +636,7 @@ def update_member(
             member.updated_at = utcnow()
             _flush(session)
             record_audit(session, actor, "update", "member", member.id, before, after)
+            quality.refresh(session, [member.id], region)
             emit(
                 session,
                 f"member.updated:{member.id}:{uuid4().hex}",
