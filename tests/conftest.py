@@ -68,7 +68,8 @@ def _drop_postgres_database(name: str) -> None:
 
 @pytest.fixture(scope="session")
 def settings_base() -> Settings:
-    return Settings(database_url="sqlite://", auth_cache_seconds=0)
+    # An in-memory warehouse: tests that start the event runtime never create ./data/.
+    return Settings(database_url="sqlite://", warehouse_url="duckdb:///:memory:", auth_cache_seconds=0)
 
 
 @pytest.fixture(scope="session")

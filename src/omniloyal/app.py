@@ -61,6 +61,7 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
 
 
 def _routers() -> list[Any]:
+    from omniloyal.analytics.api import router as analytics_router
     from omniloyal.auth.api import router as auth_router
     from omniloyal.catalog.api import router as catalog_router
     from omniloyal.events.api import router as events_router
@@ -79,6 +80,7 @@ def _routers() -> list[Any]:
         offers_router,
         processing_router,
         events_router,
+        analytics_router,
     ]
 
 

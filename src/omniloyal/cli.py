@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from omniloyal.analytics.cli import import_events, import_purchases
 from omniloyal.events.cli import app as events_app
 from omniloyal.events.cli import worker as events_worker
 from omniloyal.settings import Settings, get_settings
@@ -25,6 +26,10 @@ members_app = typer.Typer(help="Member base maintenance.", no_args_is_help=True)
 app.add_typer(members_app, name="members")
 app.add_typer(keys_app, name="keys")
 app.add_typer(import_app, name="import")
+import_app.command("events", help="Import events from the retailer's DWH (CSV, Parquet, JSON lines).")(
+    import_events
+)
+import_app.command("purchases", help="Import purchase history (CSV, Parquet, JSON lines).")(import_purchases)
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(events_app, name="events")
 # Production runs `omniloyal serve` replicas plus `omniloyal worker` replicas (ARCHITECTURE.md).

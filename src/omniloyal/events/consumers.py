@@ -52,7 +52,8 @@ HandlerFactory = Callable[[Settings, Database], Handler]
 
 # Modules whose import registers the platform's own consumers (warehouse sink, features,
 # triggers...): ``Runtime`` imports them before starting.
-CONSUMER_MODULES: list[str] = []
+# Modules whose import registers their consumers (the marketing side registers itself here).
+CONSUMER_MODULES: list[str] = ["omniloyal.analytics.sink"]
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,8 @@ class Runtime:
         consumers: Sequence[str] | None = None,
         dispatch: bool = True,
         batch_size: int = DEFAULT_BATCH,
-        consumer_batch: int = 200,
+        # Sinks pay a fixed cost per batch (one warehouse transaction): bigger batches, more events/s.
+        consumer_batch: int = 1000,
         poll_timeout: float = 0.5,
         idle_interval: float = 0.1,
         retention_days: int = DEFAULT_RETENTION_DAYS,

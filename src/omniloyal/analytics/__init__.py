@@ -1,0 +1,1 @@
+"""The analytical warehouse (DuckDB | ClickHouse), its event sink, member features and profiles."""
