@@ -70,6 +70,7 @@ def _routers() -> list[Any]:
     from omniloyal.members.quality_api import router as quality_router
     from omniloyal.offers.api import router as offers_router
     from omniloyal.processing.api import router as processing_router
+    from omniloyal.segments.api import router as segments_router
 
     return [
         auth_router,
@@ -81,6 +82,7 @@ def _routers() -> list[Any]:
         processing_router,
         events_router,
         analytics_router,
+        segments_router,
     ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -12,6 +13,7 @@ from rich.console import Console
 from omniloyal.analytics.cli import import_events, import_purchases
 from omniloyal.events.cli import app as events_app
 from omniloyal.events.cli import worker as events_worker
+from omniloyal.segments.cli import app as segments_app
 from omniloyal.settings import Settings, get_settings
 
 app = typer.Typer(
@@ -32,6 +34,7 @@ import_app.command("events", help="Import events from the retailer's DWH (CSV, P
 import_app.command("purchases", help="Import purchase history (CSV, Parquet, JSON lines).")(import_purchases)
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(events_app, name="events")
+app.add_typer(segments_app, name="segments")
 # Production runs `omniloyal serve` replicas plus `omniloyal worker` replicas (ARCHITECTURE.md).
 app.command("worker", help="Run the outbox dispatcher and the event consumers until Ctrl-C.")(events_worker)
 
@@ -45,6 +48,10 @@ def _tune_gc() -> None:
 
     gc.freeze()
     gc.set_threshold(50_000, 50, 100)
+    # A till's transaction gives up the GIL at every SQL statement; with the default 5 ms switch
+    # interval it can then wait that long behind a busy thread (HTTP parsing, the event sink) each
+    # time. A shorter interval keeps the one writer moving.
+    sys.setswitchinterval(float(os.environ.get("OMNILOYAL_SWITCH_INTERVAL", "0.0005")))
 
 
 def _db(settings: Settings):  # type: ignore[no-untyped-def]

@@ -28,3 +28,4 @@ def import_all_models() -> None:
     from omniloyal.members import models as _members  # noqa: F401
     from omniloyal.offers import models as _offers  # noqa: F401
     from omniloyal.processing import models as _processing  # noqa: F401
+    from omniloyal.segments import models as _segments  # noqa: F401

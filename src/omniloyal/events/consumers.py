@@ -53,7 +53,7 @@ HandlerFactory = Callable[[Settings, Database], Handler]
 # Modules whose import registers the platform's own consumers (warehouse sink, features,
 # triggers...): ``Runtime`` imports them before starting.
 # Modules whose import registers their consumers (the marketing side registers itself here).
-CONSUMER_MODULES: list[str] = ["omniloyal.analytics.sink"]
+CONSUMER_MODULES: list[str] = ["omniloyal.analytics.sink", "omniloyal.segments.freshness"]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,83 @@
+"""The consumer that keeps dynamic segments fresh from the event stream (``segments``).
+
+For each batch of envelopes:
+
+1. the batch is loaded into the warehouse (``analytics.sink.load``: idempotent, so it does not
+   matter whether the ``warehouse`` consumer got there first) - the segment queries must see
+   the events that changed a membership;
+2. the loyalty facts of the members the batch's loyalty events touched are mirrored again
+   (balances, cards, status, contact quality), and audiences changed elsewhere are resynced;
+3. the touched members are re-evaluated against every active dynamic segment
+   (``service.apply_events``): entries and exits are recorded, emitted to the outbox and
+   applied to synchronised audiences, and ``refreshed_at`` is stamped;
+4. RFM scores of members whose purchases changed are recomputed with the last run's
+   boundaries (``rfm.rescore``): a move into another group is an event.
+
+Time passing alone ("no purchase for 30 days") changes no event: ``service.refresh_all`` (the
+periodic job, ``omniloyal segments refresh``) catches those.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from omniloyal.analytics import sink
+from omniloyal.analytics.warehouse import Warehouse, get_warehouse
+from omniloyal.db.engine import Database
+from omniloyal.events.envelope import EventEnvelope
+from omniloyal.segments import loyalty, service
+from omniloyal.segments import rfm as rfm  # explicit re-import: mypy misses it in the cycle via service
+
+log = logging.getLogger("omniloyal.segments")
+
+CONSUMER_NAME = "segments"
+# Events this consumer itself causes: they change no membership.
+OWN_PREFIXES = ("segment.", "rfm.")
+AUDIENCE_CHANGED = "target_audience.changed"
+
+
+def handle(db: Database, wh: Warehouse, batch: list[EventEnvelope]) -> None:
+    events = [e for e in batch if not e.type.startswith(OWN_PREFIXES)]
+    if not events:
+        return
+    loaded = sink.load(wh, events)
+    loyalty_members = {
+        e.member_id for e in events if e.member_id is not None and e.type.startswith(loyalty.LOYALTY_PREFIXES)
+    }
+    loyalty.refresh_members(db, wh, loyalty_members)
+    for event in events:
+        if event.type == AUDIENCE_CHANGED:
+            code = event.properties.get("code")
+            if isinstance(code, str) and not loyalty.already_mirrored(code, event.occurred_at):
+                loyalty.sync_audience(db, wh, code)
+    touched = {e.member_id for e in events if e.member_id is not None} | loaded.members
+    service.apply_events(db, wh, sorted(touched))
+    buyers = {e.member_id for e in events if e.member_id is not None and e.type.startswith("purchase.")}
+    if buyers:
+        rfm.rescore(db, wh, sorted(buyers))
+
+
+def handler_for(db: Database, wh: Warehouse) -> Callable[[list[EventEnvelope]], None]:
+    def handler(batch: list[EventEnvelope]) -> None:
+        handle(db, wh, batch)
+
+    return handler
+
+
+def handler_factory(settings: Any, db: Database) -> Callable[[list[EventEnvelope]], None]:
+    """The consumer runtime's factory: a handler on the settings' warehouse and ``db``."""
+    return handler_for(db, get_warehouse(settings))
+
+
+def _register() -> None:
+    try:
+        consumers = importlib.import_module("omniloyal.events.consumers")
+    except ImportError:  # no consumer runtime: call handle() directly
+        return
+    consumers.register_factory(CONSUMER_NAME, handler_factory, types=("#",))
+
+
+_register()
