@@ -42,8 +42,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(database_url: str, port: int, workdir: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "OMNILOYAL_DATABASE_URL": database_url, "OMNILOYAL_AUTH_CACHE_SECONDS": "60"}
+def start_server(
+    database_url: str, port: int, workdir: Path, embedded_workers: bool = False
+) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "OMNILOYAL_DATABASE_URL": database_url,
+        "OMNILOYAL_WAREHOUSE_URL": f"duckdb:///{workdir}/warehouse.duckdb",
+        "OMNILOYAL_AUTH_CACHE_SECONDS": "60",
+        "OMNILOYAL_RUN_WORKERS": "1" if embedded_workers else "0",
+    }
+    if not embedded_workers:
+        # Production shape: the event consumers (warehouse sink, features, segments) run in their
+        # own process, `omniloyal worker`, and the API process only answers tills.
+        subprocess.Popen(
+            [str(BIN / "omniloyal"), "worker"],
+            env=env,
+            stdout=(workdir / "worker.log").open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=False,
+        )
     log = (workdir / "server.log").open("wb")
     # BENCH_SERVER_PREFIX runs the server under a profiler, e.g. "py-spy record -o prof.txt -f raw --".
     prefix = os.environ.get("BENCH_SERVER_PREFIX", "").split()
@@ -304,11 +322,16 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=2000)
     parser.add_argument("--database-url", default=None)
     parser.add_argument("--find-max", action="store_true")
+    parser.add_argument(
+        "--embedded-workers",
+        action="store_true",
+        help="run the event consumers inside the API process (the `make demo` shape) instead of a worker",
+    )
     a = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="omniloyal-bench-"))
     url = a.database_url or f"sqlite:///{workdir}/bench.db"
     port = free_port()
-    proc = start_server(url, port, workdir)
+    proc = start_server(url, port, workdir, a.embedded_workers)
     try:
         base = f"http://127.0.0.1:{port}"
         print(f"seeding {a.members} members on {url.split('@')[-1]} ...", file=sys.stderr)
@@ -334,6 +357,7 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+        subprocess.run(["pkill", "-f", f"{BIN / 'omniloyal'} worker"], check=False)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -133,10 +133,11 @@ def create_app(
 
             tasks.append(asyncio.create_task(_ledger_jobs(database, settings.ledger_job_interval_seconds)))
             tasks.append(asyncio.create_task(_daily_jobs(database, settings)))
-            # The outbox dispatcher and the event consumers, in background threads.
-            runtime = Runtime(settings, database)
-            await asyncio.to_thread(runtime.start)
-            app.state.events = runtime
+            if settings.run_workers:
+                # The outbox dispatcher and the event consumers, in background threads.
+                runtime = Runtime(settings, database)
+                await asyncio.to_thread(runtime.start)
+                app.state.events = runtime
         yield
         for task in tasks:
             task.cancel()

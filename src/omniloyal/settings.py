@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     # Seconds an API key lookup is cached in-process (keys revoked take this long to stop working).
     auth_cache_seconds: int = Field(default=30, ge=0)
     require_services: bool = False
+    # Run the outbox dispatcher and the event consumers inside `serve` (embedded). Production sets
+    # it to false and runs `omniloyal worker` processes, so tills never share a CPU with the sinks.
+    run_workers: bool = True
 
 
 @lru_cache(maxsize=1)
