@@ -37,6 +37,9 @@ test: lint typecheck pytest
 
 bench: install
 	$(PY) bench/import_members.py --members 1000000
+	$(PY) bench/engine.py
+	$(PY) bench/demo_purchases.py --members 100000
+	$(PY) bench/pos_http.py --rate 200 --seconds 20 --find-max
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

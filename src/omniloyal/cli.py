@@ -118,18 +118,23 @@ def keys_create(
 def demo_data(
     members: Annotated[int, typer.Option(help="How many members to generate")] = 5000,
     seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same retailer")] = 42,
+    days: Annotated[int, typer.Option(min=0, help="Days of purchase history ending today (0: none)")] = 365,
+    processes: Annotated[
+        int | None, typer.Option(min=1, help="Processes for the purchases (default: 2 from 4,000 members)")
+    ] = None,
 ) -> None:
     """Generate the demo retailer: stores, catalogue, members with cards and consents."""
     from omniloyal.demo import generate
 
     db = _db(get_settings())
-    generate(db, members=members, seed=seed)
+    generate(db, members=members, seed=seed, days=days, processes=processes)
 
 
 @app.command()
 def demo(
     members: Annotated[int, typer.Option(help="Members to generate if the store is empty")] = 5000,
     seed: Annotated[int, typer.Option(help="Random seed")] = 42,
+    days: Annotated[int, typer.Option(min=0, help="Days of purchase history ending today (0: none)")] = 365,
     host: Annotated[str | None, typer.Option()] = None,
     port: Annotated[int | None, typer.Option()] = None,
 ) -> None:
@@ -148,7 +153,7 @@ def demo(
     with db.reading() as session:
         empty = not session.scalar(select(func.count()).select_from(Store))
     if empty:
-        generate(db, members=members, seed=seed)
+        generate(db, members=members, seed=seed, days=days)
     else:
         err.print("store already holds a retailer: demo data not regenerated (delete ./data to start over)")
     key = create_key(db, KeyCreate(role="admin", name="demo admin")).key
