@@ -175,12 +175,18 @@ def import_members(
     batch_size: Annotated[int, typer.Option(help="Rows per transaction")] = 5000,
 ) -> None:
     """Import members with cards and consents; idempotent by external id."""
+    from omniloyal.kernel.clock import utcnow
     from omniloyal.members.importer import import_members_file
     from omniloyal.members.quality import refresh_all
+    from omniloyal.members.service import publish_snapshots
 
     settings = get_settings()
     db = _db(settings)
+    started = utcnow()
     result = import_members_file(db, file, report_path=report, batch_size=batch_size, console=err)
+    # Imported and changed members reach the warehouse (segments, profiles) as snapshot events.
+    published = publish_snapshots(db, changed_since=started)
+    err.print(f"member snapshots published to the event stream: {published:,}")
     # Data-quality flags (valid phone, e-mail typos, city and time zone) of the new and changed rows.
     checked = refresh_all(db, settings.default_phone_region, only_pending=True)
     err.print(f"data quality checked for {checked:,} members")

@@ -43,6 +43,7 @@ from omniloyal.kernel.clock import utcnow
 from omniloyal.kernel.errors import Conflict
 from omniloyal.members.importer import MemberWriter
 from omniloyal.members.models import AttributeDefinition
+from omniloyal.members.service import publish_snapshots
 
 PRODUCTS = 5000
 MEMBER_BATCH = 5000
@@ -197,6 +198,11 @@ def generate(
                     processes=processes,
                     advance=advance,
                 )
+        with steps.step("member snapshots for the warehouse", 1) as advance:
+            # Members were written on the bulk path: their snapshots reach segments and profiles
+            # through the outbox like any other member change.
+            publish_snapshots(db)
+            advance()
     if console is not None:
         console.print(
             f"[green]demo retailer ready[/green]: {len(plans)} stores + online store + app, "

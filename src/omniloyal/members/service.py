@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from omniloyal.auth.schemas import Principal
 from omniloyal.auth.service import record_audit
 from omniloyal.db.engine import Database
-from omniloyal.events.outbox import emit
+from omniloyal.events.outbox import emit, emit_many, envelope
 from omniloyal.kernel.clock import ensure_utc, utcnow
 from omniloyal.kernel.errors import AppError, Conflict, NotFound, not_found
 from omniloyal.kernel.pagination import Page, cut, paginate
@@ -192,6 +192,16 @@ def _flush(session: Session, card_field: str = "number") -> None:
 def _questionnaire(session: Session, member: Member) -> dict[str, Any]:
     """The member as ``member.registered`` / ``member.updated`` carry it (docs/events.md)."""
     consents = session.scalars(select(MemberConsent).where(MemberConsent.member_id == member.id))
+    return _questionnaire_values(
+        member,
+        {
+            c.channel: {"granted": c.granted, "at": c.changed_at.isoformat(), "source": c.source}
+            for c in consents
+        },
+    )
+
+
+def _questionnaire_values(member: Member, consents: dict[str, Any]) -> dict[str, Any]:
     return {
         "first_name": member.first_name,
         "last_name": member.last_name,
@@ -205,10 +215,7 @@ def _questionnaire(session: Session, member: Member) -> dict[str, Any]:
         "pets": list(member.pets or []),
         "preferred_categories": list(member.preferred_categories or []),
         "attributes": dict(member.attributes or {}),
-        "consents": {
-            c.channel: {"granted": c.granted, "at": c.changed_at.isoformat(), "source": c.source}
-            for c in consents
-        },
+        "consents": consents,
         "created_at": member.created_at.isoformat(),
     }
 
@@ -1061,3 +1068,51 @@ def update_attribute_definition(
         if after != before:
             record_audit(session, actor, "update", "attribute_definition", code, before, after)
         return out
+
+
+# ---------------------------------------------------------------- bulk snapshots
+
+
+SNAPSHOT_BATCH = 2000
+
+
+def publish_snapshots(db: Database, *, changed_since: datetime | None = None) -> int:
+    """Writes a ``member.updated`` snapshot event for every member (or those changed since a
+    moment) to the outbox: members that arrived on a bulk path (import, demo) reach the
+    warehouse, segments and profiles this way. Not ``member.registered``: that would start
+    welcome chains for people who joined long ago. Returns how many were published."""
+    published = 0
+    last_id = 0
+    stamp = utcnow().strftime("%Y%m%dT%H%M%S%f")
+    while True:
+        with db.transaction() as session:
+            stmt = select(Member).where(Member.id > last_id, Member.merged_into_id.is_(None))
+            if changed_since is not None:
+                stmt = stmt.where(Member.updated_at >= changed_since)
+            batch = list(session.scalars(stmt.order_by(Member.id).limit(SNAPSHOT_BATCH)))
+            if not batch:
+                return published
+            consents: dict[int, dict[str, Any]] = {}
+            for c in session.scalars(
+                select(MemberConsent).where(MemberConsent.member_id.in_([m.id for m in batch]))
+            ):
+                consents.setdefault(c.member_id, {})[c.channel] = {
+                    "granted": c.granted,
+                    "at": c.changed_at.isoformat(),
+                    "source": c.source,
+                }
+            events = []
+            for member in batch:
+                snapshot = _questionnaire_values(member, consents.get(member.id, {}))
+                events.append(
+                    envelope(
+                        f"member.updated:{member.id}:snapshot-{stamp}",
+                        "member.updated",
+                        member_id=member.id,
+                        occurred_at=member.updated_at,
+                        properties={"member": snapshot, "changed": [], "snapshot": True},
+                    )
+                )
+            emit_many(session, events)
+            published += len(batch)
+            last_id = batch[-1].id
