@@ -52,16 +52,6 @@ def start_server(
         "OMNILOYAL_AUTH_CACHE_SECONDS": "60",
         "OMNILOYAL_RUN_WORKERS": "1" if embedded_workers else "0",
     }
-    if not embedded_workers:
-        # Production shape: the event consumers (warehouse sink, features, segments) run in their
-        # own process, `omniloyal worker`, and the API process only answers tills.
-        subprocess.Popen(
-            [str(BIN / "omniloyal"), "worker"],
-            env=env,
-            stdout=(workdir / "worker.log").open("wb"),
-            stderr=subprocess.STDOUT,
-            start_new_session=False,
-        )
     log = (workdir / "server.log").open("wb")
     # BENCH_SERVER_PREFIX runs the server under a profiler, e.g. "py-spy record -o prof.txt -f raw --".
     prefix = os.environ.get("BENCH_SERVER_PREFIX", "").split()
@@ -74,6 +64,18 @@ def start_server(
     for _ in range(200):
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                # The worker starts once the server has migrated the store (two migrating at
+                # once would race).
+                if not embedded_workers:
+                    # Production shape: the event consumers (warehouse sink, features, segments) run in their
+                    # own process, `omniloyal worker`, and the API process only answers tills.
+                    subprocess.Popen(
+                        [str(BIN / "omniloyal"), "worker"],
+                        env=env,
+                        stdout=(workdir / "worker.log").open("wb"),
+                        stderr=subprocess.STDOUT,
+                        start_new_session=False,
+                    )
                 return proc
         except httpx.HTTPError:
             pass
