@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Query
-from pydantic import ValidationError
+from fastapi import APIRouter, Depends, Query, Response
+from pydantic import BaseModel, ValidationError
 
 from omniloyal.auth.deps import get_db, get_settings_dep, require
 from omniloyal.auth.schemas import Principal
@@ -30,24 +30,31 @@ router = APIRouter(prefix="/api/v1/pos", tags=["pos"])
 _POS = require("pos")
 
 
+def _json(answer: BaseModel, *, exclude_none: bool = False) -> Response:
+    """The answer serialised once. Returned as a model, FastAPI would dump it, validate the dump
+    against the response model and serialise it again: a third of a till request's CPU. The
+    ``response_model`` of each route still documents the shape."""
+    return Response(answer.model_dump_json(exclude_none=exclude_none), media_type="application/json")
+
+
 @router.post("/calculate", response_model=CalculateResponse, response_model_exclude_none=True)
 def calculate(
     request: CalculateRequest,
     db: Database = Depends(get_db),
     settings: Settings = Depends(get_settings_dep),
     principal: Principal = Depends(_POS),
-) -> CalculateResponse:
+) -> Response:
     """Discounts, points to earn, the most the buyer may pay with points; reserves the requested
     write-off. Nothing changes on the balance until confirm."""
-    return service.calculate(db, principal, request, settings.default_phone_region)
+    return _json(service.calculate(db, principal, request, settings.default_phone_region), exclude_none=True)
 
 
 @router.post("/confirm", response_model=ConfirmResponse)
 def confirm(
     request: OperationRef, db: Database = Depends(get_db), principal: Principal = Depends(_POS)
-) -> ConfirmResponse:
+) -> Response:
     """Books the reserved write-off and the planned accruals (a repeat returns the same answer)."""
-    return service.confirm(db, principal, request)
+    return _json(service.confirm(db, principal, request))
 
 
 @router.post("/cancel", response_model=ConfirmResponse)
