@@ -192,13 +192,11 @@ def _flush(session: Session, card_field: str = "number") -> None:
 def _questionnaire(session: Session, member: Member) -> dict[str, Any]:
     """The member as ``member.registered`` / ``member.updated`` carry it (docs/events.md)."""
     consents = session.scalars(select(MemberConsent).where(MemberConsent.member_id == member.id))
-    return _questionnaire_values(
-        member,
-        {
-            c.channel: {"granted": c.granted, "at": c.changed_at.isoformat(), "source": c.source}
-            for c in consents
-        },
-    )
+    return _questionnaire_values(member, {c.channel: _consent_view(c) for c in consents})
+
+
+def _consent_view(consent: MemberConsent) -> dict[str, Any]:
+    return {"granted": consent.granted, "at": consent.changed_at.isoformat(), "source": consent.source}
 
 
 def _questionnaire_values(member: Member, consents: dict[str, Any]) -> dict[str, Any]:
@@ -1096,11 +1094,7 @@ def publish_snapshots(db: Database, *, changed_since: datetime | None = None) ->
             for c in session.scalars(
                 select(MemberConsent).where(MemberConsent.member_id.in_([m.id for m in batch]))
             ):
-                consents.setdefault(c.member_id, {})[c.channel] = {
-                    "granted": c.granted,
-                    "at": c.changed_at.isoformat(),
-                    "source": c.source,
-                }
+                consents.setdefault(c.member_id, {})[c.channel] = _consent_view(c)
             events = []
             for member in batch:
                 snapshot = _questionnaire_values(member, consents.get(member.id, {}))
