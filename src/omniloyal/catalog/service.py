@@ -66,6 +66,7 @@ from omniloyal.catalog.schemas import (
     category_path,
     sku_value,
 )
+from omniloyal.db import refcache
 from omniloyal.db.engine import Database
 from omniloyal.kernel.clock import utcnow
 from omniloyal.kernel.errors import AppError, Conflict, NotFound, not_found
@@ -1172,6 +1173,85 @@ class ProductFacts:
     attributes: dict[str, Any]
     groups: frozenset[str]
     active: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StoreFacts:
+    """A store as processing reads it on every cheque (kept in the reference-data cache)."""
+
+    id: int
+    code: str
+    legal_entity_id: int
+    channel: str
+    timezone: str
+    attributes: dict[str, Any]
+
+
+def _store_facts(store: Store) -> StoreFacts:
+    return StoreFacts(
+        store.id,
+        store.code,
+        store.legal_entity_id,
+        store.channel,
+        store.timezone,
+        dict(store.attributes or {}),
+    )
+
+
+def store_facts(session: Session, store_id: int) -> StoreFacts | None:
+    """The store by id from the reference-data cache (None if it does not exist)."""
+
+    def load() -> StoreFacts | None:
+        store = session.get(Store, store_id)
+        return _store_facts(store) if store is not None else None
+
+    return refcache.cached(session, ("store", store_id), load)
+
+
+def store_facts_by_code(session: Session, code: str) -> StoreFacts:
+    """The store by code from the reference-data cache; raises ``unknown_store`` (404)."""
+
+    def load() -> StoreFacts | None:
+        store = session.scalar(select(Store).where(Store.code == code))
+        return _store_facts(store) if store is not None else None
+
+    facts = refcache.cached(session, ("store_code", code), load)
+    if facts is None:
+        raise not_found("store", code, field="store")
+    return facts
+
+
+def legal_entity_id(session: Session, code: str) -> int | None:
+    """A legal entity's id by code, from the reference-data cache."""
+    return refcache.cached(
+        session,
+        ("legal_entity", code),
+        lambda: session.scalar(select(LegalEntity.id).where(LegalEntity.code == code)),
+    )
+
+
+def product_facts_cached(session: Session, skus: Iterable[str]) -> dict[str, ProductFacts]:
+    """``product_facts`` through the reference-data cache: a till's cheque usually reads nothing."""
+    wanted = list(dict.fromkeys(skus))
+    found: dict[str, ProductFacts] = {}
+    missing: list[str] = []
+    for sku in wanted:
+        hit = refcache.peek(session, ("product", sku))
+        if hit is refcache.MISSING:
+            missing.append(sku)
+        elif hit is not None:
+            found[sku] = hit
+    if missing:
+        loaded = refcache.fill(
+            session, [("product", sku) for sku in missing], lambda: _facts_by_key(session, missing)
+        )
+        found.update({key[1]: facts for key, facts in loaded.items() if facts is not None})
+    return found
+
+
+def _facts_by_key(session: Session, skus: list[str]) -> dict[Any, ProductFacts | None]:
+    facts = product_facts(session, skus)
+    return {("product", sku): facts.get(sku) for sku in skus}
 
 
 def skus_by_barcode(session: Session, barcodes: Iterable[str]) -> dict[str, str]:

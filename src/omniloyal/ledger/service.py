@@ -21,17 +21,19 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol, cast
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import Table, and_, bindparam, case, exists, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from omniloyal.auth.schemas import Principal
 from omniloyal.auth.service import record_audit
 from omniloyal.catalog.models import LegalEntity
+from omniloyal.db import refcache
 from omniloyal.db.engine import Database
-from omniloyal.events.outbox import emit
+from omniloyal.db.types import UTCDateTime
+from omniloyal.events.outbox import emit, emit_many, envelope
 from omniloyal.kernel.clock import ensure_utc, utcnow
 from omniloyal.kernel.errors import AppError, Conflict, NotFound, not_found
 from omniloyal.kernel.money import ZERO, quantize
@@ -60,6 +62,22 @@ NEXT_EXPIRIES = 5
 # --- small helpers -------------------------------------------------------------------------------
 
 
+class CurrencyLike(Protocol):
+    """What amount checks read of a currency (an ORM row or a cached pair)."""
+
+    @property
+    def code(self) -> str: ...
+
+    @property
+    def precision(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CurrencyRef:
+    code: str
+    precision: int
+
+
 def _moment(at: datetime | None, field: str = "at") -> datetime:
     return ensure_utc(at, field=field) if at is not None else utcnow()
 
@@ -71,7 +89,19 @@ def get_currency(session: Session, code: str, *, field: str = "currency") -> Cur
     return currency
 
 
-def check_amount(amount: Any, currency: Currency, *, field: str = "amount") -> Decimal:
+def currency_precision(session: Session, code: str, *, field: str = "currency") -> int:
+    """Decimal places of a currency, from the reference-data cache; raises ``unknown_currency``."""
+    places = refcache.cached(
+        session,
+        ("currency", code),
+        lambda: session.scalar(select(Currency.precision).where(Currency.code == code)),
+    )
+    if places is None:
+        raise not_found("currency", code, field=field)
+    return int(places)
+
+
+def check_amount(amount: Any, currency: CurrencyLike, *, field: str = "amount") -> Decimal:
     """A positive amount with no more places than the currency keeps; otherwise ``invalid_amount``."""
     if isinstance(amount, bool) or not isinstance(amount, Decimal | int):
         raise AppError("invalid_amount", "amount must be a Decimal (never a float)", field=field)
@@ -286,14 +316,90 @@ def _held_reservations(
     return list(session.scalars(stmt.execution_options(populate_existing=True)).all())
 
 
-def _available(lots: Sequence[Lot], held: Sequence[Reservation], debts: Sequence[Lot] = ()) -> Decimal:
-    """Spendable now. Never below zero here: held points can outlive the lots behind them (a lot
-    expired while reserved), and a debt only means nothing can be spent."""
-    owned = sum((lot.remaining for lot in (*lots, *debts)), ZERO)
-    return max(owned - sum((r.amount for r in held), ZERO), ZERO)
+# Aggregates the till reads instead of loading every open lot and hold as an object (a member
+# with a year of purchases has hundreds of lots). Prebuilt once: only parameters change.
+_NOW = bindparam("now", type_=UTCDateTime())
+_ACTIVE = and_(Lot.activates_at <= _NOW, or_(Lot.expires_at.is_(None), Lot.expires_at > _NOW))
+_HELD = and_(
+    Reservation.state == "held", or_(Reservation.expires_at.is_(None), Reservation.expires_at > _NOW)
+)
+_BALANCES = (
+    select(
+        Account.currency,
+        Currency.precision,
+        func.sum(case((_ACTIVE, Lot.remaining), else_=None)),
+        func.sum(case((Lot.activates_at > _NOW, Lot.remaining), else_=None)),
+        select(func.sum(Reservation.amount))
+        .where(Reservation.account_id == Account.id, _HELD)
+        .scalar_subquery(),
+    )
+    .join(Currency, Currency.code == Account.currency)
+    .outerjoin(Lot, and_(Lot.account_id == Account.id, Lot.closed_at.is_(None), Lot.remaining != ZERO))
+    .where(Account.member_id == bindparam("member_id"))
+    .group_by(Account.id, Account.currency, Currency.precision)
+    .order_by(Account.currency)
+)
+# What one account may spend now: active positive lots plus debts (negative), minus holds.
+_SPENDABLE = select(
+    select(func.sum(Lot.remaining))
+    .where(
+        Lot.account_id == bindparam("account_id"),
+        Lot.closed_at.is_(None),
+        or_(and_(Lot.remaining > ZERO, _ACTIVE), Lot.remaining < ZERO),
+    )
+    .scalar_subquery(),
+    select(func.sum(Reservation.amount))
+    .where(
+        Reservation.account_id == bindparam("account_id"),
+        _HELD,
+        Reservation.id != bindparam("excluding"),
+    )
+    .scalar_subquery(),
+)
 
 
-def _insufficient(currency: Currency, available: Decimal, requested: Decimal) -> Conflict:
+@dataclass(frozen=True, slots=True)
+class Spendable:
+    """A member's points in one currency as a till shows them."""
+
+    currency: str
+    available: Decimal
+    pending: Decimal
+    reserved: Decimal
+
+
+def spendable_balances(session: Session, member_id: int, now: datetime) -> list[Spendable]:
+    """``balance`` without expiry details: one statement, no lot loaded (the till's read)."""
+    result = []
+    for currency, places, active, pending, held in session.execute(
+        _BALANCES, {"member_id": member_id, "now": now}
+    ):
+        active = active or ZERO
+        reserved = min(held or ZERO, max(active, ZERO))
+        result.append(
+            Spendable(
+                currency,
+                quantize(active - reserved, places),
+                quantize(pending or ZERO, places),
+                quantize(reserved, places),
+            )
+        )
+    return result
+
+
+def _spendable_now(
+    session: Session, account_id: int, now: datetime, *, excluding: int | None = None
+) -> Decimal:
+    """Spendable now: active lots plus debts minus holds. Never below zero here: held points can
+    outlive the lots behind them (a lot expired while reserved), and a debt only means nothing
+    can be spent."""
+    owned, held = session.execute(
+        _SPENDABLE, {"account_id": account_id, "now": now, "excluding": excluding or 0}
+    ).one()
+    return max((owned or ZERO) - (held or ZERO), ZERO)
+
+
+def _insufficient(currency: CurrencyLike, available: Decimal, requested: Decimal) -> Conflict:
     available = quantize(available, currency.precision)
     return Conflict(
         "insufficient_points",
@@ -308,6 +414,17 @@ def _insufficient(currency: Currency, available: Decimal, requested: Decimal) ->
 
 
 # --- accrual, write-off --------------------------------------------------------------------------
+
+
+def _check_terms(activation_delay: timedelta, lifetime: timedelta | None) -> None:
+    if activation_delay < timedelta(0):
+        raise AppError(
+            "invalid_activation_delay", "activation delay may not be negative", field="activation_delay_days"
+        )
+    if lifetime is not None and lifetime <= timedelta(0):
+        raise AppError(
+            "invalid_lifetime", "lifetime must be positive (or absent: never expires)", field="lifetime_days"
+        )
 
 
 def accrue(
@@ -329,14 +446,7 @@ def accrue(
     now = _moment(at)
     cur = get_currency(session, currency)
     value = check_amount(amount, cur)
-    if activation_delay < timedelta(0):
-        raise AppError(
-            "invalid_activation_delay", "activation delay may not be negative", field="activation_delay_days"
-        )
-    if lifetime is not None and lifetime <= timedelta(0):
-        raise AppError(
-            "invalid_lifetime", "lifetime must be positive (or absent: never expires)", field="lifetime_days"
-        )
+    _check_terms(activation_delay, lifetime)
     _require_member(session, member_id)
     entity = _legal_entity(session, legal_entity_id)
     # Locked because an accrual may pay off a debt (a lot left negative by a refund).
@@ -390,12 +500,222 @@ def accrue(
     return entry
 
 
+@dataclass(frozen=True, slots=True)
+class LotPlan:
+    """One lot a purchase earns (the processing plan groups accruals by offer and terms)."""
+
+    currency: str
+    amount: Decimal
+    legal_entity_id: int
+    reason: str | None = None
+    activation_delay: timedelta = timedelta(0)
+    lifetime: timedelta | None = None
+
+
+_ENTRIES = cast(Table, LedgerEntry.__table__)
+_LOTS = cast(Table, Lot.__table__)
+_POSTINGS = cast(Table, Posting.__table__)
+_HAS_DEBT = (
+    exists()
+    .where(Lot.account_id == Account.id, Lot.closed_at.is_(None), Lot.remaining < ZERO)
+    .correlate(Account)
+)
+_ACCOUNT_AND_DEBT = select(Account.id, _HAS_DEBT).where(
+    Account.member_id == bindparam("member_id"), Account.currency == bindparam("currency")
+)
+_EMISSION_ID = select(Account.id).where(
+    Account.legal_entity_id == bindparam("legal_entity_id"), Account.currency == bindparam("currency")
+)
+
+
+def _emission_id(session: Session, legal_entity_id: int, currency: str) -> int:
+    """The emission account of a legal entity, created on first use. Ids of accounts that already
+    exist are cached (they are never deleted); one created in this transaction is not, as the
+    transaction may still roll back."""
+    key = ("emission", legal_entity_id, currency)
+    hit = refcache.peek(session, key)
+    if hit is not refcache.MISSING:
+        return int(hit)
+    params = {"legal_entity_id": legal_entity_id, "currency": currency}
+    found = session.scalar(_EMISSION_ID, params)
+    if found is None:
+        return _emission_account(session, legal_entity_id, currency).id
+    refcache.fill(session, [key], lambda: {key: found})
+    return int(found)
+
+
+def _account_for_accrual(session: Session, member_id: int, currency: str) -> tuple[int, bool]:
+    """The member's account id (created if new, locked on PostgreSQL) and whether it has debts."""
+    stmt = _ACCOUNT_AND_DEBT
+    if session.get_bind().dialect.name != "sqlite":  # SQLite: BEGIN IMMEDIATE already serialises writers
+        stmt = stmt.with_for_update(of=Account)
+    params = {"member_id": member_id, "currency": currency}
+    row = session.execute(stmt, params).first()
+    if row is None:
+        _insert_ignoring_conflict(
+            session, {"kind": "member", "member_id": member_id, "currency": currency, "created_at": utcnow()}
+        )
+        row = session.execute(stmt, params).one()
+    return int(row[0]), bool(row[1])
+
+
+def accrue_lots(
+    session: Session,
+    *,
+    member_id: int,
+    plans: Sequence[LotPlan],
+    source: str,
+    source_ref: str | None,
+    at: datetime,
+) -> dict[str, Decimal]:
+    """Several accruals of one operation in a handful of statements: the same entries, lots,
+    postings and ``points.accrued`` events as ``accrue`` once per plan. Returns the total per
+    currency. An account with a debt takes the one-by-one path, which pays the debt first."""
+    now = ensure_utc(at, field="at")
+    checked: list[tuple[LotPlan, Decimal]] = []
+    for plan in plans:
+        places = currency_precision(session, plan.currency)
+        value = check_amount(plan.amount, CurrencyRef(plan.currency, places))
+        _check_terms(plan.activation_delay, plan.lifetime)
+        checked.append((plan, value))
+    if not checked:
+        return {}
+    accounts: dict[str, int] = {}
+    for currency in dict.fromkeys(plan.currency for plan, _ in checked):
+        account_id, in_debt = _account_for_accrual(session, member_id, currency)
+        if in_debt:
+            return _accrue_one_by_one(session, member_id, checked, source, source_ref, now)
+        accounts[currency] = account_id
+    connection = session.connection()
+    entry_ids = (
+        connection.execute(
+            _ENTRIES.insert().returning(_ENTRIES.c.id, sort_by_parameter_order=True),
+            [
+                {
+                    "kind": "accrual",
+                    "member_id": member_id,
+                    "currency": plan.currency,
+                    "amount": value,
+                    "source": source,
+                    "source_ref": source_ref,
+                    "reason": plan.reason,
+                    "actor": None,
+                    "legal_entity_id": plan.legal_entity_id,
+                    "details": {},
+                    "created_at": now,
+                }
+                for plan, value in checked
+            ],
+        )
+        .scalars()
+        .all()
+    )
+    lot_ids = (
+        connection.execute(
+            _LOTS.insert().returning(_LOTS.c.id, sort_by_parameter_order=True),
+            [
+                {
+                    "account_id": accounts[plan.currency],
+                    "amount": value,
+                    "remaining": value,
+                    "accrued_at": now,
+                    "activates_at": now + plan.activation_delay,
+                    "expires_at": now + plan.activation_delay + plan.lifetime
+                    if plan.lifetime is not None
+                    else None,
+                    "entry_id": entry_id,
+                    "legal_entity_id": plan.legal_entity_id,
+                    "source": source,
+                    "closed_at": None,
+                    # Points usable at once need no separate "activation" line in the history.
+                    "activation_recorded": plan.activation_delay == timedelta(0),
+                }
+                for (plan, value), entry_id in zip(checked, entry_ids, strict=True)
+            ],
+        )
+        .scalars()
+        .all()
+    )
+    postings = []
+    totals: dict[str, Decimal] = {}
+    for (plan, value), entry_id, lot_id in zip(checked, entry_ids, lot_ids, strict=True):
+        emission = _emission_id(session, plan.legal_entity_id, plan.currency)
+        postings.append(
+            {
+                "entry_id": entry_id,
+                "account_id": emission,
+                "lot_id": lot_id,
+                "amount": -value,
+                "created_at": now,
+            }
+        )
+        postings.append(
+            {
+                "entry_id": entry_id,
+                "account_id": accounts[plan.currency],
+                "lot_id": lot_id,
+                "amount": value,
+                "created_at": now,
+            }
+        )
+        totals[plan.currency] = totals.get(plan.currency, ZERO) + value
+    connection.execute(_POSTINGS.insert(), postings)
+    emit_many(
+        session,
+        [
+            envelope(
+                f"points.accrued:{entry_id}",
+                "points.accrued",
+                member_id=member_id,
+                occurred_at=now,
+                properties={
+                    "currency": plan.currency,
+                    "amount": f"{value:f}",
+                    "entry": entry_id,
+                    "source": source,
+                    "source_ref": source_ref,
+                    "reason": plan.reason,
+                },
+            )
+            for (plan, value), entry_id in zip(checked, entry_ids, strict=True)
+        ],
+    )
+    return totals
+
+
+def _accrue_one_by_one(
+    session: Session,
+    member_id: int,
+    checked: list[tuple[LotPlan, Decimal]],
+    source: str,
+    source_ref: str | None,
+    now: datetime,
+) -> dict[str, Decimal]:
+    totals: dict[str, Decimal] = {}
+    for plan, value in checked:
+        accrue(
+            session,
+            member_id=member_id,
+            currency=plan.currency,
+            amount=value,
+            legal_entity_id=plan.legal_entity_id,
+            source=source,
+            source_ref=source_ref,
+            reason=plan.reason,
+            at=now,
+            activation_delay=plan.activation_delay,
+            lifetime=plan.lifetime,
+        )
+        totals[plan.currency] = totals.get(plan.currency, ZERO) + value
+    return totals
+
+
 def _spend(
     session: Session,
     *,
     account: Account | None,
     member_id: int,
-    cur: Currency,
+    cur: CurrencyLike,
     amount: Decimal,
     source: str,
     source_ref: str | None,
@@ -406,18 +726,26 @@ def _spend(
 ) -> LedgerEntry:
     """Write-off on a locked account; ``reservation`` (being confirmed) does not count as held."""
     lots = _active_lots(session, account.id, now) if account is not None else []
-    held = (
-        _held_reservations(session, [account.id], now, excluding=reservation.id if reservation else None)
+    available = (
+        _spendable_now(session, account.id, now, excluding=reservation.id if reservation else None)
         if account is not None
-        else []
+        else ZERO
     )
-    debts = _debts(session, account.id) if account is not None else []
-    available = _available(lots, held, debts)
     if amount > available:
         raise _insufficient(cur, available, amount)
     assert account is not None  # amount > 0 and nothing available without an account
     if reservation is not None:
         reservation.state = "confirmed"
+    # Which lots pay, first: the entry then names the legal entity when a single one issued them.
+    taken: list[tuple[Lot, Decimal]] = []
+    left = amount
+    for lot in lots:
+        if left <= 0:
+            break
+        take = min(lot.remaining, left)
+        taken.append((lot, take))
+        left -= take
+    entities = {lot.legal_entity_id for lot, _ in taken}
     entry = _entry(
         session,
         kind="write_off",
@@ -429,26 +757,35 @@ def _spend(
         reason=reason,
         actor=actor,
         at=now,
+        legal_entity_id=next(iter(entities)) if len(entities) == 1 else None,
     )
-    left = amount
-    entities: set[int] = set()
-    emission: dict[int, Account] = {}
-    for lot in lots:
-        if left <= 0:
-            break
-        take = min(lot.remaining, left)
+    postings = []
+    for lot, take in taken:
         lot.remaining -= take
         if lot.remaining == 0:
             lot.closed_at = now
-        if lot.legal_entity_id not in emission:
-            emission[lot.legal_entity_id] = _emission_account(session, lot.legal_entity_id, cur.code)
         # Points go back to the legal entity that issued the lot.
-        _post(session, entry, account.id, lot.id, -take)
-        _post(session, entry, emission[lot.legal_entity_id].id, lot.id, take)
-        entities.add(lot.legal_entity_id)
-        left -= take
-    if len(entities) == 1:
-        entry.legal_entity_id = entities.pop()
+        emission = _emission_id(session, lot.legal_entity_id, cur.code)
+        postings.append(
+            {
+                "entry_id": entry.id,
+                "account_id": account.id,
+                "lot_id": lot.id,
+                "amount": -take,
+                "created_at": now,
+            }
+        )
+        postings.append(
+            {
+                "entry_id": entry.id,
+                "account_id": emission,
+                "lot_id": lot.id,
+                "amount": take,
+                "created_at": now,
+            }
+        )
+    if postings:
+        session.connection().execute(_POSTINGS.insert(), postings)
     if reservation is not None:
         reservation.entry_id = entry.id
     session.flush()
@@ -674,7 +1011,7 @@ def reserve(
 ) -> Reservation:
     """Holds points for an unconfirmed operation; refuses beyond available (``insufficient_points``)."""
     now = _moment(at)
-    cur = get_currency(session, currency)
+    cur = CurrencyRef(currency, currency_precision(session, currency))
     value = check_amount(amount, cur)
     if not operation_id:
         raise AppError("invalid_operation_id", "operation_id is required", field="operation_id")
@@ -697,11 +1034,7 @@ def reserve(
             f"Operation {operation_id!r} already holds {cur.code} for this member",
             field="operation_id",
         )
-    available = _available(
-        _active_lots(session, account.id, now),
-        _held_reservations(session, [account.id], now),
-        _debts(session, account.id),
-    )
+    available = _spendable_now(session, account.id, now)
     if value > available:
         raise _insufficient(cur, available, value)
     reservation = Reservation(
@@ -718,15 +1051,12 @@ def reserve(
 
 
 def _reservations_locked(session: Session, operation_id: str) -> list[Reservation]:
-    account_ids = session.scalars(
-        select(Reservation.account_id).where(Reservation.operation_id == operation_id).distinct()
-    ).all()
-    if not account_ids:
-        raise NotFound(
-            "unknown_reservation", f"No reservation for operation {operation_id!r}", field="operation_id"
-        )
-    _lock_accounts(session, account_ids)
-    return list(
+    if session.get_bind().dialect.name != "sqlite":  # SQLite: BEGIN IMMEDIATE already serialises writers
+        account_ids = session.scalars(
+            select(Reservation.account_id).where(Reservation.operation_id == operation_id).distinct()
+        ).all()
+        _lock_accounts(session, account_ids)
+    held = list(
         session.scalars(
             select(Reservation)
             .where(Reservation.operation_id == operation_id)
@@ -734,6 +1064,11 @@ def _reservations_locked(session: Session, operation_id: str) -> list[Reservatio
             .execution_options(populate_existing=True)
         ).all()
     )
+    if not held:
+        raise NotFound(
+            "unknown_reservation", f"No reservation for operation {operation_id!r}", field="operation_id"
+        )
+    return held
 
 
 def confirm_reservation(
@@ -775,7 +1110,7 @@ def confirm_reservation(
                 session,
                 account=account,
                 member_id=account.member_id,
-                cur=get_currency(session, account.currency),
+                cur=CurrencyRef(account.currency, currency_precision(session, account.currency)),
                 amount=reservation.amount,
                 source=source,
                 source_ref=operation_id,

@@ -14,9 +14,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import Table, bindparam, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -89,16 +89,24 @@ def _db_key(session: Session) -> str:
     return str(session.get_bind().engine.url.render_as_string(hide_password=True))
 
 
-def active_snapshot(session: Session, default_currency: str = "bonus") -> engine.Snapshot:
-    """The compiled snapshot of active offers (cached until an offer or currency changes)."""
-    fingerprint = tuple(
-        session.execute(
-            select(func.count(Offer.id), func.max(Offer.updated_at), func.sum(Offer.id)).where(
-                Offer.status == "active"
-            )
-        ).one()
-    ) + tuple(session.execute(select(func.count(Currency.code), func.max(Currency.created_at))).one())
-    key = (_db_key(session), "offers")
+# One statement for the whole fingerprint (a till asks it on every cheque): active offers' count,
+# last change and ids, how many of them carry a budget, and the currencies' count and last change.
+_FINGERPRINT = select(
+    select(func.count(Offer.id)).where(Offer.status == "active").scalar_subquery(),
+    select(func.max(Offer.updated_at)).where(Offer.status == "active").scalar_subquery(),
+    select(func.sum(Offer.id)).where(Offer.status == "active").scalar_subquery(),
+    select(func.count(Offer.id))
+    .where(Offer.status == "active", (Offer.budget_points.is_not(None)) | (Offer.budget_money.is_not(None)))
+    .scalar_subquery(),
+    select(func.count(Currency.code)).scalar_subquery(),
+    select(func.max(Currency.created_at)).scalar_subquery(),
+)
+
+
+def _active(session: Session, default_currency: str) -> tuple[engine.Snapshot, bool]:
+    """The compiled snapshot and whether any active offer has a budget (cached by fingerprint)."""
+    fingerprint = tuple(session.execute(_FINGERPRINT).one())
+    key = (_db_key(session), f"offers:{default_currency}")
     cached = _cache.get(key, fingerprint)
     if cached is not None:
         return cached
@@ -109,8 +117,22 @@ def active_snapshot(session: Session, default_currency: str = "bonus") -> engine
         currency_precision=precision,
         default_currency=default_currency,
     )
-    _cache.put(key, fingerprint, snapshot)
-    return snapshot
+    value = (snapshot, bool(fingerprint[3]))
+    _cache.put(key, fingerprint, value)
+    return value
+
+
+def active_snapshot(session: Session, default_currency: str = "bonus") -> engine.Snapshot:
+    """The compiled snapshot of active offers (cached until an offer or currency changes)."""
+    return _active(session, default_currency)[0]
+
+
+def active_offers(
+    session: Session, default_currency: str = "bonus"
+) -> tuple[engine.Snapshot, frozenset[int]]:
+    """The snapshot and the offers whose budget is spent; budgets are read only if an offer has one."""
+    snapshot, budgeted = _active(session, default_currency)
+    return snapshot, exhausted_offers(session) if budgeted else frozenset()
 
 
 def snapshot_at(
@@ -202,6 +224,31 @@ def exhausted_offers(session: Session) -> frozenset[int]:
     return frozenset(spent)
 
 
+_OFFERS = cast(Table, Offer.__table__)
+_OFFER_USES = cast(Table, OfferUse.__table__)
+# Only offers with a budget keep a running total: updating the row of every busy offer on every
+# purchase would serialise all tills on it. updated_at is kept as it is: budgets moving must not
+# rebuild every process's snapshot.
+_SPEND_BUDGET = (
+    update(_OFFERS)
+    .where(
+        _OFFERS.c.id == bindparam("offer_id"),
+        or_(_OFFERS.c.budget_points.is_not(None), _OFFERS.c.budget_money.is_not(None)),
+    )
+    .values(
+        spent_points=_OFFERS.c.spent_points + bindparam("points", type_=_OFFERS.c.spent_points.type),
+        spent_money=_OFFERS.c.spent_money + bindparam("money", type_=_OFFERS.c.spent_money.type),
+        updated_at=_OFFERS.c.updated_at,
+    )
+)
+_COUNT_USE = {
+    name: insert(_OFFER_USES)
+    .values(offer_id=bindparam("offer_id"), member_id=bindparam("member_id"), uses=1)
+    .on_conflict_do_update(index_elements=["offer_id", "member_id"], set_={"uses": _OFFER_USES.c.uses + 1})
+    for name, insert in (("postgresql", postgresql_insert), ("sqlite", sqlite_insert))
+}
+
+
 def record_use(
     session: Session,
     *,
@@ -210,37 +257,22 @@ def record_use(
     points: Mapping[int, Decimal],
     money: Mapping[int, Decimal],
 ) -> None:
-    """Counts a confirmed application: per-member uses and the offer's spent budget."""
+    """Counts a confirmed application: per-member uses and the offer's spent budget (prebuilt
+    statements, one executemany each: this runs on every confirm)."""
     ids = sorted(set(offer_ids))
-    if member_id is not None and ids:
-        # One upsert for all offers of the cheque.
-        dialect = session.get_bind().dialect.name
-        insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
-        statement = insert(OfferUse).values([{"offer_id": i, "member_id": member_id, "uses": 1} for i in ids])
-        session.execute(
-            statement.on_conflict_do_update(
-                index_elements=["offer_id", "member_id"], set_={"uses": OfferUse.uses + 1}
-            )
-        )
-    for offer_id in ids:
-        spent_points = points.get(offer_id, Decimal(0))
-        spent_money = money.get(offer_id, Decimal(0))
-        if spent_points or spent_money:
-            # Only offers with a budget keep a running total: updating the row of every busy offer
-            # on every purchase would serialise all tills on it. Keep updated_at as it is: budgets
-            # moving must not rebuild every process's snapshot.
-            session.execute(
-                update(Offer)
-                .where(
-                    Offer.id == offer_id,
-                    or_(Offer.budget_points.is_not(None), Offer.budget_money.is_not(None)),
-                )
-                .values(
-                    spent_points=Offer.spent_points + spent_points,
-                    spent_money=Offer.spent_money + spent_money,
-                    updated_at=Offer.updated_at,
-                )
-            )
+    if not ids:
+        return
+    connection = session.connection()
+    if member_id is not None:
+        statement = _COUNT_USE.get(connection.dialect.name, _COUNT_USE["sqlite"])
+        connection.execute(statement, [{"offer_id": i, "member_id": member_id} for i in ids])
+    spent = [
+        {"offer_id": i, "points": points.get(i, Decimal(0)), "money": money.get(i, Decimal(0))}
+        for i in ids
+        if points.get(i) or money.get(i)
+    ]
+    if spent:
+        connection.execute(_SPEND_BUDGET, spent)
 
 
 def local_now(moment: datetime, timezone: str) -> datetime:

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from omniloyal.auth.schemas import Principal
 from omniloyal.catalog import service as catalog
-from omniloyal.catalog.models import Category, LegalEntity, Product, Store
+from omniloyal.catalog.service import StoreFacts
 from omniloyal.db.engine import Database
 from omniloyal.events.outbox import emit_many
 from omniloyal.kernel.clock import utcnow
@@ -74,10 +74,10 @@ def _reservation_key(store_id: int, operation_id: str) -> str:
     return f"{store_id}:{operation_id}"
 
 
-def _store(session: Session, principal: Principal, code: str | None) -> Store:
+def _store(session: Session, principal: Principal, code: str | None) -> StoreFacts:
     """The store the operation happens in: a pos key's own, or the one named by an admin."""
     if principal.role == "pos":
-        store = session.get(Store, principal.store_id)
+        store = catalog.store_facts(session, principal.store_id) if principal.store_id is not None else None
         if store is None:
             raise AppError("unknown_store", "The store of this pos key no longer exists", status_code=404)
         if code is not None and code != store.code:
@@ -89,7 +89,7 @@ def _store(session: Session, principal: Principal, code: str | None) -> Store:
         return store
     if not code:
         raise AppError("store_required", "Name the store (its code) when not using a pos key", field="store")
-    return catalog.store_by_code(session, code)
+    return catalog.store_facts_by_code(session, code)
 
 
 # ---------------------------------------------------------------- identification
@@ -160,8 +160,26 @@ def _member_attributes(member: Member) -> dict[str, Any]:
 
 def _balances(session: Session, member_id: int) -> list[BalanceOut]:
     return [
-        BalanceOut(currency=b.currency, available=b.available, pending=b.pending, reserved=b.reserved)
-        for b in ledger.balance(session, member_id, utcnow())
+        BalanceOut.model_construct(
+            currency=b.currency, available=b.available, pending=b.pending, reserved=b.reserved
+        )
+        for b in ledger.spendable_balances(session, member_id, utcnow())
+    ]
+
+
+def _after_reserving(balances: list[BalanceOut], currency: str, amount: Decimal) -> list[BalanceOut]:
+    """The balance once ``amount`` is held: the reservation was checked against this very balance
+    in this transaction, so no second read is needed."""
+    return [
+        BalanceOut.model_construct(
+            currency=b.currency,
+            available=b.available - amount,
+            pending=b.pending,
+            reserved=b.reserved + amount,
+        )
+        if b.currency == currency
+        else b
+        for b in balances
     ]
 
 
@@ -180,14 +198,14 @@ def _member_facts(session: Session, buyer: _Buyer, balances: list[BalanceOut]) -
 
 def _engine_cheque(
     session: Session,
-    store: Store,
+    store: StoreFacts,
     cheque: ChequeIn,
     buyer: engine.MemberFacts | None,
     *,
     write_off: tuple[str, Decimal] | None = None,
     excluded: frozenset[int] = frozenset(),
 ) -> engine.Cheque:
-    facts = catalog.product_facts(session, [line.sku for line in cheque.lines])
+    facts = catalog.product_facts_cached(session, [line.sku for line in cheque.lines])
     lines = []
     for line in cheque.lines:
         fact = facts.get(line.sku)
@@ -284,7 +302,9 @@ def calculate(
             return _replay(existing, digest)
 
 
-def _operation(session: Session, store: Store, operation_id: str, *, lock: bool = False) -> Operation | None:
+def _operation(
+    session: Session, store: StoreFacts, operation_id: str, *, lock: bool = False
+) -> Operation | None:
     stmt = select(Operation).where(Operation.store_id == store.id, Operation.operation_id == operation_id)
     if lock:
         stmt = stmt.with_for_update()
@@ -330,14 +350,14 @@ def _calculate(
             )
     balances = _balances(session, buyer.member.id) if buyer else []
     facts = _member_facts(session, buyer, balances) if buyer else None
-    snapshot = offers.active_snapshot(session)
+    snapshot, exhausted = offers.active_offers(session)
     cheque = _engine_cheque(
         session,
         store,
         request.cheque,
         facts,
         write_off=(wanted.currency, wanted.amount) if wanted else None,
-        excluded=offers.exhausted_offers(session),
+        excluded=exhausted,
     )
     result = engine.calculate(snapshot, cheque, explain=request.explain)
     if buyer is None:
@@ -364,7 +384,7 @@ def _calculate(
             amount=wanted.amount,
             operation_id=_reservation_key(store.id, request.operation_id),
         )
-        balances = _balances(session, buyer.member.id)
+        balances = _after_reserving(balances, wanted.currency, wanted.amount)
     response = _response(request, store, buyer, result, balances)
     amount = sum((line.amount for line in request.cheque.lines), ZERO)
     operation = Operation(
@@ -393,13 +413,15 @@ def _calculate(
 
 
 def _check_currency(session: Session, code: str, field: str) -> None:
-    if session.get(Currency, code) is None:
-        raise AppError("unknown_currency", f"No currency {code!r}", field=field)
+    try:
+        ledger.currency_precision(session, code)
+    except NotFound:
+        raise AppError("unknown_currency", f"No currency {code!r}", field=field) from None
 
 
 def _response(
     request: CalculateRequest,
-    store: Store,
+    store: StoreFacts,
     buyer: _Buyer | None,
     result: engine.Result,
     balances: list[BalanceOut],
@@ -466,9 +488,9 @@ def _response(
 # ---------------------------------------------------------------- confirm / cancel
 
 
-def _legal_entity_for(session: Session, store: Store, code: str | None) -> int:
+def _legal_entity_for(session: Session, store: StoreFacts, code: str | None) -> int:
     if code:
-        entity_id = session.scalar(select(LegalEntity.id).where(LegalEntity.code == code))
+        entity_id = catalog.legal_entity_id(session, code)
         if entity_id is not None:
             return entity_id
     # Points for a purchase are funded by the legal entity the store belongs to.
@@ -477,7 +499,7 @@ def _legal_entity_for(session: Session, store: Store, code: str | None) -> int:
 
 def _book_accruals(
     session: Session,
-    store: Store,
+    store: StoreFacts,
     member_id: int,
     plan: Iterable[dict[str, Any]],
     *,
@@ -500,31 +522,42 @@ def _book_accruals(
             item.get("legal_entity"),
         )
         lots[terms] = lots.get(terms, ZERO) + amount
-    accrued: dict[str, Decimal] = {}
-    for (currency, offer_id, delay, lifetime_days, legal_entity), amount in lots.items():
-        ledger.accrue(
-            session,
-            member_id=member_id,
-            currency=currency,
-            amount=amount,
-            legal_entity_id=_legal_entity_for(session, store, legal_entity),
-            source=source,
-            source_ref=source_ref,
-            reason=f"offer {offer_id}",
-            at=at,
-            activation_delay=timedelta(days=delay),
-            lifetime=timedelta(days=lifetime_days) if lifetime_days is not None else None,
+    return ledger.accrue_lots(
+        session,
+        member_id=member_id,
+        plans=[
+            ledger.LotPlan(
+                currency=currency,
+                amount=amount,
+                legal_entity_id=_legal_entity_for(session, store, legal_entity),
+                reason=f"offer {offer_id}",
+                activation_delay=timedelta(days=delay),
+                lifetime=timedelta(days=lifetime_days) if lifetime_days is not None else None,
+            )
+            for (currency, offer_id, delay, lifetime_days, legal_entity), amount in lots.items()
+        ],
+        source=source,
+        source_ref=source_ref,
+        at=at,
+    )
+
+
+def _lines_of(session: Session, operation: Operation) -> list[PurchaseLine]:
+    return list(
+        session.scalars(
+            select(PurchaseLine).where(PurchaseLine.operation_id == operation.id).order_by(PurchaseLine.line)
         )
-        accrued[currency] = accrued.get(currency, ZERO) + amount
-    return accrued
+    )
 
 
-def _offer_spending(session: Session, operation: Operation) -> tuple[dict[int, Decimal], dict[int, Decimal]]:
+def _offer_spending(
+    operation: Operation, lines: Iterable[PurchaseLine]
+) -> tuple[dict[int, Decimal], dict[int, Decimal]]:
     points: dict[int, Decimal] = {}
     for item in operation.plan.get("accruals", []):
         points[int(item["offer_id"])] = points.get(int(item["offer_id"]), ZERO) + Decimal(item["amount"])
     money: dict[int, Decimal] = {}
-    for line in session.scalars(select(PurchaseLine).where(PurchaseLine.operation_id == operation.id)):
+    for line in lines:
         if line.discount and line.offers:
             # A line's discount is counted against each offer that touched it, split evenly.
             share = (line.discount / len(line.offers)).quantize(CENT)
@@ -533,22 +566,12 @@ def _offer_spending(session: Session, operation: Operation) -> tuple[dict[int, D
     return points, money
 
 
-def _emit_confirmed(session: Session, operation: Operation, store: Store) -> None:
+def _emit_confirmed(
+    session: Session, operation: Operation, store: StoreFacts, lines: list[PurchaseLine]
+) -> None:
     """``purchase.confirmed`` with the whole cheque, in the confirming transaction."""
-    lines = list(
-        session.scalars(
-            select(PurchaseLine).where(PurchaseLine.operation_id == operation.id).order_by(PurchaseLine.line)
-        )
-    )
-    skus = list({line.sku for line in lines})
-    categories: dict[str, str | None] = dict.fromkeys(skus)
-    if skus:
-        rows = session.execute(
-            select(Product.sku, Category.path)
-            .outerjoin(Category, Category.id == Product.category_id)
-            .where(Product.sku.in_(skus))
-        )
-        categories.update({sku: path for sku, path in rows})
+    facts = catalog.product_facts_cached(session, {line.sku for line in lines})
+    categories = {line.sku: facts[line.sku].category_path if line.sku in facts else None for line in lines}
     event = purchase_events.purchase_confirmed(
         operation, lines, store_code=store.code, channel=store.channel, categories=categories
     )
@@ -590,7 +613,8 @@ def confirm(db: Database, principal: Principal, request: OperationRef) -> Confir
                 source_ref=key,
                 at=now,
             )
-        points, money = _offer_spending(session, operation)
+        lines = _lines_of(session, operation)
+        points, money = _offer_spending(operation, lines)
         offers.record_use(
             session,
             offer_ids=operation.plan.get("offers", []),
@@ -614,7 +638,7 @@ def confirm(db: Database, principal: Principal, request: OperationRef) -> Confir
             "state": "confirmed",
             "confirmation": answer.model_dump(mode="json"),
         }
-        _emit_confirmed(session, operation, store)
+        _emit_confirmed(session, operation, store, lines)
         return answer
 
 
@@ -884,5 +908,5 @@ def _offline_one(
         money={},
     )
     session.flush()
-    _emit_confirmed(session, operation, store)
+    _emit_confirmed(session, operation, store, _lines_of(session, operation))
     return OfflineResult(index=index, operation_id=item.operation_id, status="accepted", accrued=accrued)
