@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 
 T = TypeVar("T")
 
-TTL_SECONDS = 10.0
+TTL_SECONDS = 60.0
 WATCHED = frozenset(
     {
         "stores",

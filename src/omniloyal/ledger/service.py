@@ -150,19 +150,25 @@ def _insert_ignoring_conflict(session: Session, values: dict[str, Any]) -> None:
     session.execute(insert(Account).values(**values).on_conflict_do_nothing())
 
 
+_MEMBER_ACCOUNT = (
+    select(Account)
+    .where(Account.member_id == bindparam("member_id"), Account.currency == bindparam("currency"))
+    .execution_options(populate_existing=True)
+)
+_MEMBER_ACCOUNT_LOCKED = _MEMBER_ACCOUNT.with_for_update()
+
+
 def _member_account(
     session: Session, member_id: int, currency: str, *, lock: bool, create: bool = False
 ) -> Account | None:
-    stmt = select(Account).where(Account.member_id == member_id, Account.currency == currency)
-    if lock:
-        stmt = stmt.with_for_update()
-    stmt = stmt.execution_options(populate_existing=True)
-    account = session.scalar(stmt)
+    stmt = _MEMBER_ACCOUNT_LOCKED if lock else _MEMBER_ACCOUNT
+    params = {"member_id": member_id, "currency": currency}
+    account = session.scalar(stmt, params)
     if account is None and create:
         _insert_ignoring_conflict(
             session, {"kind": "member", "member_id": member_id, "currency": currency, "created_at": utcnow()}
         )
-        account = session.scalar(stmt)
+        account = session.scalar(stmt, params)
     return account
 
 
@@ -271,19 +277,7 @@ def _is_active(lot: Lot, now: datetime) -> bool:
 
 def _active_lots(session: Session, account_id: int, now: datetime) -> list[Lot]:
     """Spendable lots in the order they are spent: soonest expiry first, never-expiring last, oldest first."""
-    stmt = (
-        select(Lot)
-        .where(
-            Lot.account_id == account_id,
-            Lot.closed_at.is_(None),
-            Lot.remaining > ZERO,
-            Lot.activates_at <= now,
-            or_(Lot.expires_at.is_(None), Lot.expires_at > now),
-        )
-        .order_by(Lot.expires_at.is_(None), Lot.expires_at, Lot.accrued_at, Lot.id)
-        .execution_options(populate_existing=True)
-    )
-    return list(session.scalars(stmt).all())
+    return list(session.scalars(_ACTIVE_LOTS, {"account_id": account_id, "now": now}).all())
 
 
 def _debts(session: Session, account_id: int) -> list[Lot]:
@@ -355,6 +349,14 @@ _SPENDABLE = select(
         Reservation.id != bindparam("excluding"),
     )
     .scalar_subquery(),
+)
+
+
+_ACTIVE_LOTS = (
+    select(Lot)
+    .where(Lot.account_id == bindparam("account_id"), Lot.closed_at.is_(None), Lot.remaining > ZERO, _ACTIVE)
+    .order_by(Lot.expires_at.is_(None), Lot.expires_at, Lot.accrued_at, Lot.id)
+    .execution_options(populate_existing=True)
 )
 
 
@@ -999,6 +1001,19 @@ def balance(
 # --- reservations --------------------------------------------------------------------------------
 
 
+_HOLDING = select(Reservation.id).where(
+    Reservation.account_id == bindparam("account_id"),
+    Reservation.operation_id == bindparam("operation_id"),
+    Reservation.state != "released",
+)
+_RESERVATIONS_OF = (
+    select(Reservation)
+    .where(Reservation.operation_id == bindparam("operation_id"))
+    .order_by(Reservation.id)
+    .execution_options(populate_existing=True)
+)
+
+
 def reserve(
     session: Session,
     *,
@@ -1021,13 +1036,7 @@ def reserve(
     account = _member_account(session, member_id, cur.code, lock=True)
     if account is None:
         raise _insufficient(cur, ZERO, value)
-    existing = session.scalar(
-        select(Reservation.id).where(
-            Reservation.account_id == account.id,
-            Reservation.operation_id == operation_id,
-            Reservation.state != "released",
-        )
-    )
+    existing = session.scalar(_HOLDING, {"account_id": account.id, "operation_id": operation_id})
     if existing is not None:
         raise Conflict(
             "duplicate_reservation",
@@ -1056,14 +1065,7 @@ def _reservations_locked(session: Session, operation_id: str) -> list[Reservatio
             select(Reservation.account_id).where(Reservation.operation_id == operation_id).distinct()
         ).all()
         _lock_accounts(session, account_ids)
-    held = list(
-        session.scalars(
-            select(Reservation)
-            .where(Reservation.operation_id == operation_id)
-            .order_by(Reservation.id)
-            .execution_options(populate_existing=True)
-        ).all()
-    )
+    held = list(session.scalars(_RESERVATIONS_OF, {"operation_id": operation_id}).all())
     if not held:
         raise NotFound(
             "unknown_reservation", f"No reservation for operation {operation_id!r}", field="operation_id"

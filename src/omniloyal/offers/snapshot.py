@@ -187,23 +187,21 @@ def snapshot_at(
     return snapshot, frozenset(active)
 
 
+# Prebuilt (tills read them on every cheque): only the parameters change.
+_AUDIENCES_OF = (
+    select(TargetAudience.code)
+    .join(TargetAudienceMember, TargetAudienceMember.audience_id == TargetAudience.id)
+    .where(TargetAudienceMember.member_id == bindparam("member_id"))
+)
+_USES_OF = select(OfferUse.offer_id, OfferUse.uses).where(OfferUse.member_id == bindparam("member_id"))
+
+
 def member_audiences(session: Session, member_id: int) -> frozenset[str]:
-    return frozenset(
-        session.scalars(
-            select(TargetAudience.code)
-            .join(TargetAudienceMember, TargetAudienceMember.audience_id == TargetAudience.id)
-            .where(TargetAudienceMember.member_id == member_id)
-        )
-    )
+    return frozenset(session.scalars(_AUDIENCES_OF, {"member_id": member_id}))
 
 
 def member_offer_uses(session: Session, member_id: int) -> dict[int, int]:
-    return {
-        offer_id: uses
-        for offer_id, uses in session.execute(
-            select(OfferUse.offer_id, OfferUse.uses).where(OfferUse.member_id == member_id)
-        )
-    }
+    return {offer_id: uses for offer_id, uses in session.execute(_USES_OF, {"member_id": member_id})}
 
 
 def exhausted_offers(session: Session) -> frozenset[int]:

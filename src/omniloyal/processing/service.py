@@ -17,10 +17,10 @@ import json
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
-from typing import Any
+from typing import Any, cast
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import insert, select
+from sqlalchemy import Table, bindparam, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -302,13 +302,19 @@ def calculate(
             return _replay(existing, digest)
 
 
+# Prebuilt: building the expression costs more than running it, and tills ask on every cheque.
+_OPERATION = select(Operation).where(
+    Operation.store_id == bindparam("store_id"), Operation.operation_id == bindparam("operation_id")
+)
+_OPERATION_LOCKED = _OPERATION.with_for_update()
+
+
 def _operation(
     session: Session, store: StoreFacts, operation_id: str, *, lock: bool = False
 ) -> Operation | None:
-    stmt = select(Operation).where(Operation.store_id == store.id, Operation.operation_id == operation_id)
-    if lock:
-        stmt = stmt.with_for_update()
-    return session.scalar(stmt)
+    return session.scalar(
+        _OPERATION_LOCKED if lock else _OPERATION, {"store_id": store.id, "operation_id": operation_id}
+    )
 
 
 def _replay(existing: Operation, digest: str) -> CalculateResponse:
@@ -387,28 +393,35 @@ def _calculate(
         balances = _after_reserving(balances, wanted.currency, wanted.amount)
     response = _response(request, store, buyer, result, balances)
     amount = sum((line.amount for line in request.cheque.lines), ZERO)
-    operation = Operation(
-        operation_id=request.operation_id,
-        store_id=store.id,
-        kind="purchase",
-        state="calculated",
-        member_id=buyer.member.id if buyer else None,
-        card_id=buyer.card.id if buyer and buyer.card else None,
-        cheque_number=request.cheque.number,
-        cheque_at=request.cheque.created_at,
-        amount=amount,
-        discount=result.discount_total,
-        write_off=_amounts(result.write_off),
-        accrual=_amounts(result.bonus_total()),
-        plan={"request_digest": digest, "accruals": _plan(result), "offers": result.applied_offers},
-        response=response.model_dump(mode="json", exclude={"explain"}),
-        payments=[p.model_dump(mode="json") for p in request.cheque.payments],
-        created_at=utcnow(),
+    # Core inserts: the ORM unit of work would cost more than both statements themselves.
+    connection = session.connection()
+    operation_pk = connection.execute(
+        _OPERATIONS.insert().returning(_OPERATIONS.c.id),
+        dict(
+            operation_id=request.operation_id,
+            store_id=store.id,
+            kind="purchase",
+            state="calculated",
+            member_id=buyer.member.id if buyer else None,
+            card_id=buyer.card.id if buyer and buyer.card else None,
+            cheque_number=request.cheque.number,
+            cheque_at=request.cheque.created_at,
+            amount=amount,
+            discount=result.discount_total,
+            write_off=_amounts(result.write_off),
+            accrual=_amounts(result.bonus_total()),
+            plan={"request_digest": digest, "accruals": _plan(result), "offers": result.applied_offers},
+            response=response.model_dump(mode="json", exclude={"explain"}),
+            payments=[p.model_dump(mode="json") for p in request.cheque.payments],
+            created_at=utcnow(),
+            purchase_id=None,
+            confirmed_at=None,
+            cancelled_at=None,
+        ),
+    ).scalar_one()
+    connection.execute(
+        _PURCHASE_LINES.insert(), _purchase_lines(operation_pk, request.cheque.lines, result.lines)
     )
-    session.add(operation)
-    session.flush()
-    session.execute(insert(PurchaseLine), _purchase_lines(operation.id, request.cheque.lines, result.lines))
-    session.flush()
     return response
 
 
@@ -542,12 +555,18 @@ def _book_accruals(
     )
 
 
-def _lines_of(session: Session, operation: Operation) -> list[PurchaseLine]:
-    return list(
-        session.scalars(
-            select(PurchaseLine).where(PurchaseLine.operation_id == operation.id).order_by(PurchaseLine.line)
-        )
-    )
+_OPERATIONS = cast(Table, Operation.__table__)
+_PURCHASE_LINES = cast(Table, PurchaseLine.__table__)
+_LINES_OF = (
+    select(_PURCHASE_LINES)
+    .where(_PURCHASE_LINES.c.operation_id == bindparam("operation_id"))
+    .order_by(_PURCHASE_LINES.c.line)
+)
+
+
+def _lines_of(session: Session, operation: Operation) -> list[Any]:
+    """The cheque's lines as read-only rows (same attribute names as ``PurchaseLine``)."""
+    return list(session.connection().execute(_LINES_OF, {"operation_id": operation.id}))
 
 
 def _offer_spending(
