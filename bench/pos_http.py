@@ -42,9 +42,28 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(
-    database_url: str, port: int, workdir: Path, embedded_workers: bool = False
-) -> subprocess.Popen[bytes]:
+class Server:
+    """The API process and, unless embedded, its event worker: stopped together."""
+
+    def __init__(self, api: subprocess.Popen[bytes]) -> None:
+        self.api = api
+        self.worker: subprocess.Popen[bytes] | None = None
+
+    def terminate(self) -> None:
+        for proc in (self.api, self.worker):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+
+    def wait(self, timeout: float) -> None:
+        for proc in (self.api, self.worker):
+            if proc is not None:
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+def start_server(database_url: str, port: int, workdir: Path, embedded_workers: bool = False) -> Server:
     env = {
         **os.environ,
         "OMNILOYAL_DATABASE_URL": database_url,
@@ -55,11 +74,13 @@ def start_server(
     log = (workdir / "server.log").open("wb")
     # BENCH_SERVER_PREFIX runs the server under a profiler, e.g. "py-spy record -o prof.txt -f raw --".
     prefix = os.environ.get("BENCH_SERVER_PREFIX", "").split()
-    proc = subprocess.Popen(
-        [*prefix, str(BIN / "omniloyal"), "serve", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
+    server = Server(
+        subprocess.Popen(
+            [*prefix, str(BIN / "omniloyal"), "serve", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     )
     for _ in range(200):
         try:
@@ -69,18 +90,18 @@ def start_server(
                 if not embedded_workers:
                     # Production shape: the event consumers (warehouse sink, features, segments) run in their
                     # own process, `omniloyal worker`, and the API process only answers tills.
-                    subprocess.Popen(
+                    server.worker = subprocess.Popen(
                         [str(BIN / "omniloyal"), "worker"],
                         env=env,
                         stdout=(workdir / "worker.log").open("wb"),
                         stderr=subprocess.STDOUT,
-                        start_new_session=False,
                     )
-                return proc
+                return server
         except httpx.HTTPError:
             pass
         time.sleep(0.1)
-    proc.kill()
+    server.terminate()
+    server.wait(5)
     raise SystemExit(f"server did not start; see {workdir / 'server.log'}")
 
 
@@ -359,7 +380,6 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(10)
-        subprocess.run(["pkill", "-f", f"{BIN / 'omniloyal'} worker"], check=False)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

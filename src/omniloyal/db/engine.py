@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pydantic_core import from_json, to_json
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -34,7 +35,15 @@ def _sqlite_begin(conn: Any) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def _json_text(value: Any) -> str:
+    # pydantic-core's serialiser: several times faster than json.dumps on the JSON columns a
+    # purchase writes (about thirty per cheque: the operation, its lines, ledger details).
+    return to_json(value).decode()
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
+    kwargs.setdefault("json_serializer", _json_text)
+    kwargs.setdefault("json_deserializer", from_json)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database
