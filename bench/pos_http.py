@@ -6,7 +6,7 @@ and 20 more), then drives purchases with an open-loop load generator: each purch
 `calculate` (10 lines, a write-off for a third of them) followed by `confirm`.
 
 Usage:
-  python bench/pos_http.py [--rate 200] [--seconds 20] [--database-url URL] [--find-max]
+  python bench/pos_http.py [--rate 200] [--seconds 20] [--database-url URL] [--find-max] [--api-workers N]
 
 Prints p50/p95/p99 of the calculate+confirm pair at --rate, and with --find-max the highest rate
 whose p99 stays under 50 ms with no errors (aim: 1,200 requests/s = 600 purchases/s).
@@ -63,7 +63,9 @@ class Server:
                     proc.kill()
 
 
-def start_server(database_url: str, port: int, workdir: Path, embedded_workers: bool = False) -> Server:
+def start_server(
+    database_url: str, port: int, workdir: Path, embedded_workers: bool = False, api_workers: int = 1
+) -> Server:
     env = {
         **os.environ,
         "OMNILOYAL_DATABASE_URL": database_url,
@@ -76,7 +78,7 @@ def start_server(database_url: str, port: int, workdir: Path, embedded_workers: 
     prefix = os.environ.get("BENCH_SERVER_PREFIX", "").split()
     server = Server(
         subprocess.Popen(
-            [*prefix, str(BIN / "omniloyal"), "serve", "--port", str(port)],
+            [*prefix, str(BIN / "omniloyal"), "serve", "--port", str(port), "--workers", str(api_workers)],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -346,6 +348,9 @@ def main() -> None:
     parser.add_argument("--database-url", default=None)
     parser.add_argument("--find-max", action="store_true")
     parser.add_argument(
+        "--api-workers", type=int, default=1, help="HTTP processes of `omniloyal serve --workers N`"
+    )
+    parser.add_argument(
         "--embedded-workers",
         action="store_true",
         help="run the event consumers inside the API process (the `make demo` shape) instead of a worker",
@@ -354,7 +359,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="omniloyal-bench-"))
     url = a.database_url or f"sqlite:///{workdir}/bench.db"
     port = free_port()
-    proc = start_server(url, port, workdir, a.embedded_workers)
+    proc = start_server(url, port, workdir, a.embedded_workers, a.api_workers)
     try:
         base = f"http://127.0.0.1:{port}"
         print(f"seeding {a.members} members on {url.split('@')[-1]} ...", file=sys.stderr)

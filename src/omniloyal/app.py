@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -116,6 +117,48 @@ async def _daily_jobs(db: Database, settings: Settings) -> None:
             except Exception:  # retried next round
                 log.exception("birthday events failed")
         await asyncio.sleep(settings.ledger_job_interval_seconds)
+
+
+class Background:
+    """The ledger jobs, the daily birthday events and (if ``run_workers``) the event consumers,
+    in a thread of their own: what ``omniloyal serve --workers N`` runs in its supervising
+    process, while N processes answer HTTP only."""
+
+    def __init__(self, settings: Settings, db: Database) -> None:
+        self.settings = settings
+        self.db = db
+        self.loop = asyncio.new_event_loop()
+        self.runtime: Any = None
+        self.thread = threading.Thread(target=self._run, name="omniloyal-background", daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.create_task(_ledger_jobs(self.db, self.settings.ledger_job_interval_seconds))
+        self.loop.create_task(_daily_jobs(self.db, self.settings))
+        self.loop.run_forever()
+
+    def start(self) -> None:
+        if self.settings.run_workers:
+            from omniloyal.events.consumers import Runtime
+
+            self.runtime = Runtime(self.settings, self.db)
+            self.runtime.start()
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        if self.runtime is not None:
+            self.runtime.stop()
+
+
+def api_process() -> FastAPI:
+    """Factory for the HTTP-only processes of ``omniloyal serve --workers N`` (no jobs, no
+    consumers: the supervising process runs them once for all)."""
+    from omniloyal.cli import tune_gc
+
+    tune_gc()
+    return create_app(get_settings(), run_jobs=False)
 
 
 def create_app(
