@@ -3,6 +3,12 @@
 Usage: python bench/engine.py [--offers 100] [--lines 10] [--seconds 5] [--processes 2]
 Prints evaluations/s per process and in total. Target (issue 3): >= 20,000/s on 2 cores.
 The CPU figures (process time) say what the engine costs when other work shares the machine.
+
+A cheque here gets about 3 discount chains, 2 write-off rules and 5-6 bonus chains (39 accruals:
+one per line and bonus chain). Of an evaluation, the bonus phase takes about 45%, the write-off
+25% (over a quarter of that is spreading the points written off over the lines), discounts 15%,
+preparing the result and finding the cheque's offers 15%; most of each is Decimal arithmetic and
+building the Accrual and LineResult objects.
 """
 
 from __future__ import annotations

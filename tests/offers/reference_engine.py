@@ -697,20 +697,22 @@ def _run_bonuses(snapshot: Snapshot, cheque: Cheque, ctx: _Context, result: Resu
             delay = int(action.params.get("activation_delay_days", 0) or 0)
             lifetime = action.params.get("lifetime_days")
             legal_entity = action.params.get("legal_entity")
+            earned = ZERO
             for i, currency, pts in points_for(action, targets):
                 if pts <= 0:
                     continue
                 if i is not None:
                     states[i].bonus[currency] = states[i].bonus.get(currency, ZERO) + pts
+                earned += pts
+            if earned > 0:  # one accrual per offer action: what all its lines earned
                 result.accruals.append(
                     Accrual(
-                        currency,
-                        pts,
+                        str(action.params.get("currency", snapshot.default_currency)),
+                        earned,
                         cand.chain.offer.id,
                         delay,
                         int(lifetime) if lifetime is not None else None,
                         str(legal_entity) if legal_entity else None,
-                        lines[i].line if i is not None else None,
                     )
                 )
 

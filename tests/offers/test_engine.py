@@ -615,6 +615,26 @@ def test_the_optimised_engine_gives_exactly_the_reference_results() -> None:
     assert compared > 2500
 
 
+def test_a_busy_snapshot_gives_exactly_the_reference_results() -> None:
+    # Many offers: long groups of equal priority, walks that stop early, memoised rates and caps
+    # shared by several chains, write-off without discounts and the other way round.
+    rng = random.Random(2026)
+    compared = 0
+    for _ in range(4):
+        offers = random_offers(rng, 100)
+        precision = {"bonus": 2, "stars": 0, "miles": 3}
+        fast = Snapshot.build(offers, currency_precision=precision)
+        slow = reference.Snapshot.build(offers, currency_precision=precision)
+        for _ in range(25):
+            cheque_ = random_cheque(rng)
+            for mode in ({}, {"discounts": False}, {"write_off": False}):
+                got = calculate(fast, cheque_, **mode)
+                want = reference.calculate(slow, cheque_, **mode)  # type: ignore[arg-type]
+                assert repr(got) == repr(want), (offers, cheque_, mode)
+                compared += 1
+    assert compared == 300
+
+
 def test_explaining_an_empty_cheque_does_not_fail() -> None:
     snap = Snapshot.build([discount_offer(1, "10"), discount_offer(2, "5")])
     result = calculate(snap, cheque([]), explain=True)

@@ -342,14 +342,17 @@ def _compile_check(rule: Rule) -> Check | None:
     if kind == "payment_method":
         methods = _as_set(p["methods"])
         min_share = Decimal(str(p.get("min_share_percent", "0")))
+        # Checked on every cheque: the reasons are written once.
+        not_paid = f"not paid by {sorted(methods)}"
+        too_little = f"paid by {sorted(methods)} less than {min_share}% of the cheque"
 
         def by_payment(ctx: _Context) -> str | None:
             paid = sum((pay.amount for pay in ctx.payments if pay.method in methods), ZERO)
             if paid <= 0:
-                return f"not paid by {sorted(methods)}"
+                return not_paid
             total = sum((pay.amount for pay in ctx.payments), ZERO)
             if min_share and total > 0 and paid * HUNDRED / total < min_share:
-                return f"paid by {sorted(methods)} less than {min_share}% of the cheque"
+                return too_little
             return None
 
         return by_payment
@@ -414,11 +417,11 @@ def _compile_check(rule: Rule) -> Check | None:
         audiences = _as_set(p["audiences"])
         negate = bool(p.get("exclude", False))
 
+        outside = f"member {'in' if negate else 'not in'} target audience {sorted(audiences)}"
+
         def by_audience(ctx: _Context) -> str | None:
             inside = ctx.member is not None and bool(ctx.member.audiences & audiences)
-            if inside != negate:
-                return None
-            return f"member {'in' if negate else 'not in'} target audience {sorted(audiences)}"
+            return None if inside != negate else outside
 
         return by_audience
     if kind == "member_attribute":
@@ -890,10 +893,13 @@ class _Index:
             self.plans[key] = plans
         return plans
 
-    def lines_by_chain(self, lines: Sequence[Line]) -> dict[int, list[int]]:
-        """For each product-filtered chain (by ``product_no``) the indexes of the lines it matches."""
-        by_chain: dict[int, list[int]] = {}
-        if not self.product_chains:
+    def lines_by_chain(self, lines: Sequence[Line]) -> list[list[int] | None]:
+        """For each product-filtered chain (by ``product_no``) the indexes of the lines it matches.
+
+        A list by position, not a dict: indexing it is cheaper, and it is built on every cheque.
+        """
+        by_chain: list[list[int] | None] = [None] * len(self.product_chains)
+        if not by_chain:
             return by_chain
         products = self.products
         for i, line in enumerate(lines):
@@ -909,7 +915,7 @@ class _Index:
                         products.clear()
                     products[key] = hits
             for no in hits:
-                got = by_chain.get(no)
+                got = by_chain[no]
                 if got is None:
                     by_chain[no] = [i]
                 else:
@@ -964,6 +970,14 @@ class Snapshot:
 # ---------------------------------------------------------------------------- helpers
 
 
+# 10^-places for the usual currency precisions, not rebuilt on every cheque.
+_QUANTA = {places: Decimal(1).scaleb(-places) for places in range(9)}
+
+
+def _quantum(places: int) -> Decimal:
+    return _QUANTA.get(places) or Decimal(1).scaleb(-places)
+
+
 def _money(value: Decimal) -> Decimal:
     return value.quantize(CENT, ROUND_HALF_UP)
 
@@ -981,11 +995,8 @@ def _spread(total: Decimal, weights: Sequence[Decimal], quantum: Decimal = CENT)
         # The rounding remainder goes to the largest lines, one quantum each (equal weights: the
         # first line first; a reversed sort keeps equal keys in order).
         order = sorted(range(len(weights)), key=weights.__getitem__, reverse=True)
-        i = 0
-        while rest >= quantum:
+        for i in range(int(rest // quantum)):  # as many quanta as the remainder holds, exactly
             parts[order[i % len(order)]] += quantum
-            rest -= quantum
-            i += 1
     return parts
 
 
@@ -1005,32 +1016,34 @@ def render_message(template: str, values: Mapping[str, Any]) -> str:
         return template
 
 
-def _context_of(cheque: Cheque) -> _Context:
+def _context_of(cheque: Cheque, amounts: list[Decimal]) -> _Context:
+    # Positional: built on every cheque, and keywords cost a dataclass call twice as much.
     return _Context(
-        local_time=cheque.local_time,
-        store_code=cheque.store_code,
-        channel=cheque.channel,
-        store_attributes=cheque.store_attributes,
-        member=cheque.member,
-        payments=cheque.payments,
-        cheque_amount=sum((line.amount for line in cheque.lines), ZERO),
-        exhausted_offers=cheque.exhausted_offers,
+        cheque.local_time,
+        cheque.store_code,
+        cheque.channel,
+        cheque.store_attributes,
+        cheque.member,
+        cheque.payments,
+        sum(amounts, ZERO),
+        cheque.exhausted_offers,
     )
 
 
 # ---------------------------------------------------------------------------- selection
 
-# A chain's benefit over the lines it matches (ranking only), and applying it to some lines.
+# A chain's benefit over the lines it matches (ranking only).
 _Benefit = Callable[[_CompiledChain, list[int]], Decimal]
-_ApplyTo = Callable[[_CompiledChain, list[int]], None]
+# The chains a phase applies, in order, each with the indexes of the lines it applies to.
+_Selection = list[tuple[_CompiledChain, list[int]]]
 
 
 class _Run:
     """One calculation's working state, shared by its three phases."""
 
     __slots__ = (
-        "after",
         "all_lines",
+        "amounts",
         "by_chain",
         "cheque",
         "ctx",
@@ -1040,6 +1053,7 @@ class _Run:
         "member",
         "memo",
         "offers_of",
+        "paid",
         "plans",
         "result",
         "snapshot",
@@ -1055,7 +1069,8 @@ class _Run:
         self.explain = explain
         self.member = cheque.member
         self.exhausted = cheque.exhausted_offers
-        self.ctx = _context_of(cheque)
+        self.amounts = [line.amount for line in cheque.lines]
+        self.ctx = _context_of(cheque, self.amounts)
         index = snapshot._index
         # Explanations need every chain's reason, so explain mode walks all chains.
         self.plans = None if explain else index.plans_for(cheque, self.ctx)
@@ -1063,14 +1078,15 @@ class _Run:
         self.all_lines = list(range(len(cheque.lines)))  # shared, never mutated
         self.memo: dict[str, bool] = {}  # per-cheque filter verdicts by filter key
         self.offers_of = [st.offers for st in result.lines]
-        self.after: list[Decimal] | None = None  # amounts after discount, once the write-off phase ran
+        # What is left to pay in money on each line, once the write-off phase ran.
+        self.paid: list[Decimal] | None = None
 
 
 def _lines_of(run: _Run, chain: _CompiledChain) -> tuple[list[int], str | None]:
     """Indexes of lines the chain touches, or why none qualifies."""
     if chain.product_no < 0:
         return run.all_lines, None
-    chosen = run.by_chain.get(chain.product_no)
+    chosen = run.by_chain[chain.product_no]
     if chosen is None:
         return [], "filter products: no line matches"
     if chain.quantity_filters:
@@ -1102,7 +1118,7 @@ def _applies(run: _Run, chain: _CompiledChain) -> list[int] | None:
     if chain.product_no < 0:
         chosen: list[int] | None = run.all_lines
     else:
-        chosen = run.by_chain.get(chain.product_no)
+        chosen = run.by_chain[chain.product_no]
         if chosen is None or (chain.quantity_filters and _quantity_failure(chain, run.lines, chosen)):
             return None
     if chain.error is not None:
@@ -1110,16 +1126,16 @@ def _applies(run: _Run, chain: _CompiledChain) -> list[int] | None:
     return chosen
 
 
-def _select_and_apply(run: _Run, event: str, benefit: _Benefit, apply: _ApplyTo) -> None:
+def _select(run: _Run, event: str, benefit: _Benefit) -> _Selection:
     """At most one non-summable chain per line (priority, weight, benefit, offer id), then summables.
 
     The fast path walks the groups of equal (priority, weight) best first and stops once every line
     is taken; benefits are computed only inside a group where two chains still compete for lines.
-    ``benefit`` must rate chains on the phase's starting state, whatever was applied since.
+    ``benefit`` rates chains on the phase's starting state, so choosing never depends on applying:
+    the phase applies the whole selection afterwards, in its order (one call, no callback per chain).
     """
     if run.explain:
-        _select_explained(run, event, benefit, apply)
-        return
+        return _select_explained(run, event, benefit)
     assert run.plans is not None
     plan = run.plans[event]
     all_lines = run.all_lines
@@ -1128,17 +1144,18 @@ def _select_and_apply(run: _Run, event: str, benefit: _Benefit, apply: _ApplyTo)
     count = len(all_lines)
     taken = [False] * count
     left = count
+    selected: _Selection = []
     for group in plan.groups:
         if not left:
             break
-        contenders: list[tuple[_CompiledChain, list[int]]] = []
+        contenders: _Selection = []
         for chain in group:
             if chain.guarded:
                 chosen = _applies(run, chain)
             elif exhausted and chain.offer_id in exhausted:
                 continue
             else:  # the common case inlined: no member filter, limit or quantity condition
-                chosen = all_lines if chain.product_no < 0 else by_chain.get(chain.product_no)
+                chosen = all_lines if chain.product_no < 0 else by_chain[chain.product_no]
             if chosen is not None:
                 if left == count:
                     contenders.append((chain, chosen))
@@ -1151,27 +1168,36 @@ def _select_and_apply(run: _Run, event: str, benefit: _Benefit, apply: _ApplyTo)
             # Stable: equal benefits keep the group's offer id order.
             contenders.sort(key=lambda c: -benefit(c[0], c[1]))
         for chain, chosen in contenders:
+            if chosen is all_lines and left == count:
+                # The usual winner, a chain without product filter: it takes the whole cheque.
+                left = 0
+                selected.append((chain, chosen))
+                break
             free = chosen if left == count else [i for i in chosen if not taken[i]]
             if free:
                 for i in free:
                     taken[i] = True
                 left -= len(free)
-                _apply(run, chain, free, apply)
+                selected.append((chain, free))
+                if not left:
+                    break
     for chain in plan.summable:
         if chain.guarded:
             chosen = _applies(run, chain)
         elif exhausted and chain.offer_id in exhausted:
             continue
         else:
-            chosen = all_lines if chain.product_no < 0 else by_chain.get(chain.product_no)
+            chosen = all_lines if chain.product_no < 0 else by_chain[chain.product_no]
         if chosen is not None:
-            _apply(run, chain, chosen, apply)
+            selected.append((chain, chosen))
+    _record(run, selected)
+    return selected
 
 
-def _select_explained(run: _Run, event: str, benefit: _Benefit, apply: _ApplyTo) -> None:
+def _select_explained(run: _Run, event: str, benefit: _Benefit) -> _Selection:
     """Every chain with its reason: the straightforward selection, in the explanation's order."""
     result = run.result
-    candidates: list[tuple[_CompiledChain, list[int]]] = []
+    candidates: _Selection = []
     for chain in run.snapshot.by_event.get(event, ()):
         reason = chain.failed_check(run.ctx)
         chosen: list[int] = []
@@ -1186,6 +1212,7 @@ def _select_explained(run: _Run, event: str, benefit: _Benefit, apply: _ApplyTo)
     ranked = [(chain, chosen, benefit(chain, chosen)) for chain, chosen in candidates if not chain.summable]
     ranked.sort(key=lambda c: (-c[0].priority, -c[0].weight, -c[2], c[0].offer_id, c[0].chain_no))
     taken: dict[int, int] = {}
+    selected: _Selection = []
     for chain, chosen, _ in ranked:
         free = [i for i in chosen if i not in taken]
         if not free:
@@ -1198,43 +1225,51 @@ def _select_explained(run: _Run, event: str, benefit: _Benefit, apply: _ApplyTo)
             continue
         for i in free:
             taken[i] = chain.offer_id
-        _apply(run, chain, free, apply)
+        selected.append((chain, free))
+        _record(run, selected[-1:])  # now: explanations keep the order chains were considered in
     for chain, chosen in candidates:
         if chain.summable:
-            _apply(run, chain, chosen, apply)
+            selected.append((chain, chosen))
+            _record(run, selected[-1:])
+    return selected
 
 
-def _apply(run: _Run, chain: _CompiledChain, targets: list[int], apply: _ApplyTo) -> None:
-    apply(chain, targets)
-    offer_id = chain.offer_id
+def _record(run: _Run, selected: _Selection) -> None:
+    """Lists the selected chains' offers on their lines and the result, with their messages."""
     offers_of = run.offers_of
     result = run.result
-    if chain.sole:  # applied once per calculation: the offer cannot be listed yet
-        for i in targets:
-            offers_of[i].append(offer_id)
-        result.applied_offers.append(offer_id)
-    else:
-        for i in targets:
-            offers = offers_of[i]
-            if offer_id not in offers:
-                offers.append(offer_id)
-        if offer_id not in result.applied_offers:
+    for chain, targets in selected:
+        offer_id = chain.offer_id
+        if chain.sole:  # applied once per calculation: the offer cannot be listed yet
+            if targets is run.all_lines:  # the common case, without indexing
+                for offers in offers_of:
+                    offers.append(offer_id)
+            else:
+                for i in targets:
+                    offers_of[i].append(offer_id)
             result.applied_offers.append(offer_id)
-    if chain.cheque_texts:
-        result.cheque_messages.extend(chain.cheque_texts)
-    if chain.cashier_texts:
-        result.cashier_messages.extend(chain.cashier_texts)
-    if run.explain:
-        result.explain.append(
-            Explanation(
-                offer_id,
-                chain.offer.name,
-                chain.event,
-                True,
-                "applied",
-                [run.states[i].line for i in targets],
+        else:
+            for i in targets:
+                offers = offers_of[i]
+                if offer_id not in offers:
+                    offers.append(offer_id)
+            if offer_id not in result.applied_offers:
+                result.applied_offers.append(offer_id)
+        if chain.cheque_texts:
+            result.cheque_messages.extend(chain.cheque_texts)
+        if chain.cashier_texts:
+            result.cashier_messages.extend(chain.cashier_texts)
+        if run.explain:
+            result.explain.append(
+                Explanation(
+                    offer_id,
+                    chain.offer.name,
+                    chain.event,
+                    True,
+                    "applied",
+                    [run.states[i].line for i in targets],
+                )
             )
-        )
 
 
 # ---------------------------------------------------------------------------- phases
@@ -1261,7 +1296,7 @@ def _run_discounts(run: _Run) -> None:
     # The phase's starting point: benefits rank chains on it (no discount is applied yet).
     floors = [st.floor for st in states]
     has_floor = any(floors)
-    amounts = [line.amount for line in lines]
+    amounts = run.amounts
     cheque_amount = run.ctx.cheque_amount
     all_lines = run.all_lines
 
@@ -1272,14 +1307,14 @@ def _run_discounts(run: _Run) -> None:
                 total += min(action.value, sum((amounts[i] - floors[i] for i in chosen), ZERO))
             elif action.kind == "percent" and not (has_floor and any(floors[i] for i in chosen)):
                 # Ranking only: the unrounded percent of the lines' sum orders offers the same way.
-                base = cheque_amount if chosen is all_lines else sum((amounts[i] for i in chosen), ZERO)
+                base = cheque_amount if chosen is all_lines else sum([amounts[i] for i in chosen], ZERO)
                 total += base * action.value / HUNDRED
             else:
                 for i in chosen:
                     total += _discount_for(action, lines[i], amounts[i], floors[i])
         return total
 
-    def apply(chain: _CompiledChain, targets: list[int]) -> None:
+    for chain, targets in _select(run, "discount_calculation", benefit):
         for action in chain.floor_actions:
             for i in targets:
                 line = lines[i]
@@ -1299,11 +1334,12 @@ def _run_discounts(run: _Run) -> None:
             elif action.kind == "percent" and action.exact:
                 # _discount_for inlined for the common case (same operations, same rounding).
                 factor = action.factor
-                for i in targets:
-                    st = states[i]
-                    current = st.amount - st.discount
+                for st in states if targets is all_lines else [states[i] for i in targets]:
+                    # x - 0 is x: without a discount yet or a floor, no subtraction (the current
+                    # amount's exponent only shows through the line's discount, already at most 0).
+                    current = st.amount - st.discount if st.discount else st.amount
                     discount = (current * factor).quantize(CENT, ROUND_HALF_UP)
-                    room_left = current - st.floor
+                    room_left = current - st.floor if st.floor else current
                     if room_left < discount:
                         discount = room_left
                     st.discount += discount if discount > ZERO else ZERO
@@ -1312,15 +1348,14 @@ def _run_discounts(run: _Run) -> None:
                     st = states[i]
                     st.discount += _discount_for(action, lines[i], st.amount - st.discount, st.floor)
 
-    _select_and_apply(run, "discount_calculation", benefit, apply)
-
 
 def _run_write_off(run: _Run) -> None:
     lines = run.lines
     states = run.states
-    snapshot = run.snapshot
+    all_lines = run.all_lines
+    result = run.result
     # Applying write-off rules changes no line: what is left to pay is fixed for the phase.
-    after = run.after = [st.amount - st.discount for st in states]
+    after = run.paid = [st.amount - st.discount for st in states]
     # Per line and currency, the most of its amount the rules let points pay.
     caps: dict[str, list[Decimal]] = {}
     rule_caps: dict[int, list[Decimal]] = {}
@@ -1330,15 +1365,18 @@ def _run_write_off(run: _Run) -> None:
         got = rule_caps.get(action.memo)
         if got is None:
             excluded = action.exclude_groups
-            factor = action.factor if action.exact else None
-            got = []
-            for line, amount in zip(lines, after, strict=True):
-                if excluded and line.groups & excluded:
-                    got.append(ZERO)
-                elif factor is not None:
-                    got.append((amount * factor).quantize(CENT, ROUND_HALF_UP))
-                else:
-                    got.append(_money(amount * action.value / HUNDRED))
+            if action.exact and not excluded:  # the common case, as one comprehension
+                factor = action.factor
+                got = [(amount * factor).quantize(CENT, ROUND_HALF_UP) for amount in after]
+            else:
+                got = []
+                for line, amount in zip(lines, after, strict=True):
+                    if excluded and line.groups & excluded:
+                        got.append(ZERO)
+                    elif action.exact:
+                        got.append((amount * action.factor).quantize(CENT, ROUND_HALF_UP))
+                    else:
+                        got.append(_money(amount * action.value / HUNDRED))
             rule_caps[action.memo] = got
         return got
 
@@ -1346,10 +1384,10 @@ def _run_write_off(run: _Run) -> None:
         total = ZERO
         for action in chain.write_off_actions:
             per_line = caps_of(action)
-            total += sum((per_line[i] for i in chosen), ZERO)
+            total += sum(per_line if chosen is all_lines else [per_line[i] for i in chosen], ZERO)
         return total
 
-    def apply(chain: _CompiledChain, targets: list[int]) -> None:
+    for chain, targets in _select(run, "write_off", benefit):
         for action in chain.write_off_actions:
             per_line = caps.get(action.currency)
             if per_line is None:
@@ -1358,42 +1396,39 @@ def _run_write_off(run: _Run) -> None:
             for i in targets:
                 cap = per_line[i] + rule[i]
                 per_line[i] = cap if cap < after[i] else after[i]
-
-    _select_and_apply(run, "write_off", benefit, apply)
     member = run.member
+    precision = run.snapshot.currency_precision
     for currency, per_line in caps.items():
         available = member.available.get(currency, ZERO) if member is not None and member.can_spend else ZERO
         limit = min(sum(per_line, ZERO), max(ZERO, available))
-        places = snapshot.currency_precision.get(currency, 2)
-        limit = limit.quantize(Decimal(1).scaleb(-places), rounding=ROUND_DOWN)
-        run.result.max_write_off[currency] = limit
-        for i, cap in enumerate(per_line):
+        limit = limit.quantize(_quantum(precision.get(currency, 2)), rounding=ROUND_DOWN)
+        result.max_write_off[currency] = limit
+        for st, cap in zip(states, per_line, strict=True):
             if cap > ZERO:
-                states[i].max_write_off[currency] = cap
+                st.max_write_off[currency] = cap
     wanted = run.cheque.write_off_currency
     requested = run.cheque.write_off_amount
     if wanted and requested > 0:
-        granted = min(requested, run.result.max_write_off.get(wanted, ZERO))
+        granted = min(requested, result.max_write_off.get(wanted, ZERO))
         if granted > 0:
-            for i, part in enumerate(_spread(granted, caps[wanted])):
+            parts = _spread(granted, caps[wanted])
+            for st, part in zip(states, parts, strict=True):
                 if part:
-                    states[i].write_off[wanted] = part
-            run.result.write_off[wanted] = granted
+                    st.write_off[wanted] = part
+            result.write_off[wanted] = granted
+            # What is left to pay in money, for the points phase (only the wanted currency is written
+            # off, so a line's part is all its write-off).
+            run.paid = [amount - part if part else amount for amount, part in zip(after, parts, strict=True)]
 
 
 def _run_bonuses(run: _Run) -> None:
-    lines = run.lines
     states = run.states
     append = run.result.accruals.append
     all_lines = run.all_lines
-    numbers = [line.line for line in lines]
     bonuses = [st.bonus for st in states]
-    # Points are earned on what is left to pay in money; bonuses change neither.
-    after = run.after or [st.amount - st.discount for st in states]
-    paid = [
-        amount - (sum(st.write_off.values(), ZERO) if st.write_off else ZERO)
-        for amount, st in zip(after, states, strict=True)
-    ]
+    # Points are earned on what is left to pay in money (kept by the write-off phase when it ran);
+    # bonuses do not change it.
+    paid = run.paid if run.paid is not None else [st.amount - st.discount for st in states]
     # Every line's points per percent rate, kept once a chain over the whole cheque needed them.
     line_points: dict[int, list[Decimal]] = {}
 
@@ -1405,7 +1440,8 @@ def _run_bonuses(run: _Run) -> None:
         quantum = action.quantum
         if action.exact:
             factor = action.factor
-            got = [(paid[i] * factor).quantize(quantum, ROUND_DOWN) for i in chosen]
+            amounts = paid if chosen is all_lines else [paid[i] for i in chosen]
+            got = [(amount * factor).quantize(quantum, ROUND_DOWN) for amount in amounts]
         else:
             value = action.value
             got = [(paid[i] * value / HUNDRED).quantize(quantum, ROUND_DOWN) for i in chosen]
@@ -1430,37 +1466,32 @@ def _run_bonuses(run: _Run) -> None:
                 total += sum((pts for _, pts in points_for(action, chosen)), ZERO)
         return total
 
-    def apply(chain: _CompiledChain, targets: list[int]) -> None:
+    for chain, targets in _select(run, "bonus_calculation", benefit):
         offer_id = chain.offer_id
         for action in chain.bonus_actions:
             currency = action.currency
             delay, lifetime, legal_entity = action.delay, action.lifetime, action.legal_entity
             if action.type == "bonus" and action.kind == "percent":
-                for i, pts in zip(targets, percent_points(action, targets), strict=True):
+                points = percent_points(action, targets)
+                bonuses_of = bonuses if targets is all_lines else [bonuses[i] for i in targets]
+                total = ZERO
+                for bonus, pts in zip(bonuses_of, points, strict=True):
                     if pts > ZERO:
-                        bonus = bonuses[i]
                         bonus[currency] = bonus.get(currency, ZERO) + pts
-                        append(Accrual(currency, pts, offer_id, delay, lifetime, legal_entity, numbers[i]))
+                        total += pts
+                if total:  # one accrual per offer action: what all its lines earned
+                    append(Accrual(currency, total, offer_id, delay, lifetime, legal_entity))
                 continue
+            total = ZERO
             for n, pts in points_for(action, targets):
                 if pts <= 0:
                     continue
                 if n is not None:
                     bonus = bonuses[n]
                     bonus[currency] = bonus.get(currency, ZERO) + pts
-                append(
-                    Accrual(
-                        currency,
-                        pts,
-                        offer_id,
-                        delay,
-                        lifetime,
-                        legal_entity,
-                        numbers[n] if n is not None else None,
-                    )
-                )
-
-    _select_and_apply(run, "bonus_calculation", benefit, apply)
+                total += pts
+            if total:
+                append(Accrual(currency, total, offer_id, delay, lifetime, legal_entity))
 
 
 def _messages(actions: Iterable[Rule], offer: Offer, result: Result) -> None:
@@ -1502,7 +1533,18 @@ def calculate(
 
     ``discounts=False, write_off=False`` is the offline-cheque mode: accrual only.
     """
-    result = Result(lines=[LineResult(line.line, line.sku, line.amount) for line in cheque.lines])
+    # Every field given: the dataclasses' default factories cost more than the literals.
+    states = [LineResult(x.line, x.sku, x.amount, ZERO, {}, {}, {}, [], ZERO) for x in cheque.lines]
+    result = Result(
+        lines=states,
+        accruals=[],
+        cheque_messages=[],
+        cashier_messages=[],
+        applied_offers=[],
+        explain=[],
+        max_write_off={},
+        write_off={},
+    )
     run = _Run(snapshot, cheque, result, explain)
     if discounts:
         _run_discounts(run)
