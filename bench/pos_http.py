@@ -42,12 +42,33 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _cpu(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc), 0 if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
 class Server:
     """The API process and, unless embedded, its event worker: stopped together."""
 
     def __init__(self, api: subprocess.Popen[bytes]) -> None:
         self.api = api
         self.worker: subprocess.Popen[bytes] | None = None
+
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU used so far by the HTTP processes (the API and its children) and by the worker."""
+        api = sum(_cpu(pid) for pid in [self.api.pid, *_children(self.api.pid)])
+        return api, _cpu(self.worker.pid) if self.worker is not None else 0.0
 
     def terminate(self) -> None:
         for proc in (self.api, self.worker):
@@ -330,12 +351,39 @@ def pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * p))]
 
 
-def report(label: str, lat: list[float], errors: int, elapsed: float) -> None:
+def report(
+    label: str, lat: list[float], errors: int, elapsed: float, cpu: tuple[float, float] | None = None
+) -> None:
+    costs = ""
+    if cpu is not None and lat:
+        costs = (
+            f"; CPU per purchase: API {cpu[0] / len(lat) * 1000:.1f} ms, "
+            f"worker {cpu[1] / len(lat) * 1000:.1f} ms"
+        )
     print(
         f"{label}: {len(lat)} purchases ({2 * len(lat) / elapsed:,.0f} requests/s achieved), "
         f"calculate+confirm p50 {statistics.median(lat):.1f} ms, p95 {pct(lat, 0.95):.1f} ms, "
-        f"p99 {pct(lat, 0.99):.1f} ms, errors {errors}"
+        f"p99 {pct(lat, 0.99):.1f} ms, errors {errors}{costs}"
     )
+
+
+def measured(
+    server: Server,
+    base: str,
+    key: str,
+    cards: list[str],
+    skus: list[str],
+    rate: float,
+    seconds: float,
+    tag: str,
+) -> tuple[list[float], int, float, tuple[float, float]]:
+    """One load run and the CPU the server processes spent on it."""
+    api0, worker0 = server.cpu_seconds()
+    lat, errors, elapsed = asyncio.run(run_load(base, key, cards, skus, rate, seconds, tag))
+    # The worker drains the events of the last purchases a moment later.
+    time.sleep(1.0)
+    api1, worker1 = server.cpu_seconds()
+    return lat, errors, elapsed, (api1 - api0, worker1 - worker0)
 
 
 def main() -> None:
@@ -365,19 +413,17 @@ def main() -> None:
         print(f"seeding {a.members} members on {url.split('@')[-1]} ...", file=sys.stderr)
         pos_key, cards, skus = seed(base, admin_key(url), a.members)
         asyncio.run(run_load(base, pos_key, cards, skus, 20, 3, "warm"))
-        lat, errors, elapsed = asyncio.run(
-            run_load(base, pos_key, cards, skus, a.rate / 2, a.seconds, "fixed")
-        )
-        report(f"at {a.rate:.0f} requests/s", lat, errors, elapsed)
+        lat, errors, elapsed, cpu = measured(proc, base, pos_key, cards, skus, a.rate / 2, a.seconds, "fixed")
+        report(f"at {a.rate:.0f} requests/s", lat, errors, elapsed, cpu)
         if a.find_max:
             best = 0.0
             rate = a.rate
             while True:
                 rate *= 1.25
-                lat, errors, elapsed = asyncio.run(
-                    run_load(base, pos_key, cards, skus, rate / 2, 10, f"r{rate:.0f}")
+                lat, errors, elapsed, cpu = measured(
+                    proc, base, pos_key, cards, skus, rate / 2, 10, f"r{rate:.0f}"
                 )
-                report(f"at {rate:.0f} requests/s", lat, errors, elapsed)
+                report(f"at {rate:.0f} requests/s", lat, errors, elapsed, cpu)
                 if errors or pct(lat, 0.99) > 50:
                     break
                 best = rate
