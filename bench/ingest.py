@@ -1,18 +1,30 @@
 """Ingest throughput: web events through the batch API into the warehouse (target >= 20,000/s).
 
-Full path (default): starts a server process (`create_app(..., run_jobs=True)` with the warehouse
-sink registered: API + outbox dispatcher + in-process bus + sink, as `omniloyal serve` runs them)
-on a fresh SQLite store and DuckDB warehouse, imports --members members, then POSTs
-`/api/v1/events` in batches of 1,000 web events (a third of them from members, the rest from
-anonymous visitors, with utm and product views) from --clients concurrent connections. The
-clock stops when the last event is in the warehouse (its timeline shows it); the server is then
-stopped and the warehouse file is opened to count every event.
+Full path (default), in the production shape (README, ``docs/bus.md``): ``omniloyal serve``
+with ``OMNILOYAL_RUN_WORKERS=0`` answers the API and writes the outbox, and ``omniloyal
+worker`` runs the outbox dispatcher, the in-process bus and the registered consumers (the
+warehouse sink and the segments consumer) in its own process, so the API and the sink each
+have a core. Both on a fresh SQLite store and DuckDB warehouse (the worker owns the DuckDB
+file). ``--shape embedded`` runs everything in one ``omniloyal serve`` process instead
+(``OMNILOYAL_RUN_WORKERS=1``, the default). Consumers get the runtime's default batches (up to
+2,000). Besides the rates it prints the CPU each process used per event: the figure that holds
+when other jobs share the machine.
 
---sink-only measures the sink alone: envelopes built in-process, loaded 1,000 at a time.
+Setup: --members members are imported (their snapshots go through the event stream too); the
+clock starts once every consumer has handled them. Then --clients concurrent connections POST
+``/api/v1/events`` in batches of 1,000 web events (a third from members, the rest from
+anonymous visitors, with utm and product views), the bodies serialised before the clock starts.
+A thread in the process owning the warehouse (it waits for the runtime to drain before
+"ready") stops the clock when all the events are counted there; the processes are then stopped
+and the warehouse file is opened to count every event again.
+
+--api-only measures the API alone: the same server without a worker (the events stay in the
+outbox). --sink-only measures the sink alone: envelopes built in-process, loaded 1,000 at a time.
 
 Usage:
-  python bench/ingest.py [--events 200000] [--members 20000] [--clients 4] [--consumer-batch 1000]
-                         [--warehouse duckdb|chdb]
+  python bench/ingest.py [--events 200000] [--members 20000] [--clients 2]
+                         [--shape split|embedded] [--warehouse duckdb|chdb]
+  python bench/ingest.py --api-only [--events 100000]
   python bench/ingest.py --sink-only [--events 200000]
 """
 
@@ -20,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import shutil
@@ -106,6 +119,51 @@ def sink_only(events: int, url: str) -> None:
 
 # ---------------------------------------------------------------- full path
 
+# A thread in the process that owns the warehouse (the worker, or the embedded server): says
+# "ready" once the runtime has handled the setup backlog (the import's member snapshots), then
+# "loaded" when every event of the benchmark is in the warehouse.
+WATCH = """
+import sys, threading, time
+
+
+def watch(expected):
+    from omniloyal.analytics.warehouse import get_warehouse
+    from omniloyal.events.consumers import started_runtimes
+    from omniloyal.settings import get_settings
+
+    while not started_runtimes():
+        time.sleep(0.1)
+    runtime = started_runtimes()[0]
+    # Every consumer (the segments one takes a while over the member snapshots) is idle.
+    while not runtime.drain(600):
+        pass
+    # Polling the warehouse would slow the sink it watches: the sink's counter says when to look.
+    sink = runtime.workers["warehouse"]
+    start = sink.handled
+    print("ready", flush=True)
+    wh = get_warehouse(get_settings())
+    while True:
+        if sink.handled >= start + int(expected):
+            if wh.scalar("SELECT count(*) FROM {events} WHERE id LIKE 'ev-%'") >= int(expected):
+                print("loaded", flush=True)
+                return
+        time.sleep(0.01)
+
+
+threading.Thread(target=watch, args=(sys.argv[1],), daemon=True).start()
+from omniloyal.cli import app
+"""
+
+# The embedded shape: `omniloyal serve` with the runtime in its lifespan (OMNILOYAL_RUN_WORKERS=1).
+EMBEDDED = (
+    WATCH
+    + """
+app(["serve", "--port", sys.argv[2]])
+"""
+)
+
+# A server with the runtime embedded and the consumers' batch size given (argv: port, batch), as
+# `serve` runs it: what bench/profile_latency.py starts.
 SERVER = """
 import sys, threading, uvicorn
 import omniloyal.analytics.sink  # registers the warehouse consumer
@@ -128,6 +186,14 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", a
 runtime.stop()
 """
 
+# The worker of the production shape: `omniloyal worker` (dispatcher + consumers) until SIGTERM.
+WORKER = (
+    WATCH
+    + """
+app(["worker"])
+"""
+)
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -139,21 +205,21 @@ def run(cmd: list[str], env: dict[str, str]) -> str:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout.strip()
 
 
-async def send_all(base: str, key: str, batches: list[list[dict[str, Any]]], clients: int) -> float:
+async def send_all(base: str, key: str, bodies: list[tuple[int, bytes]], clients: int) -> float:
     import httpx
 
-    queue: asyncio.Queue[list[dict[str, Any]]] = asyncio.Queue()
-    for batch in batches:
-        queue.put_nowait(batch)
-    headers = {"Authorization": f"Bearer {key}"}
+    queue: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
+    for body in bodies:
+        queue.put_nowait(body)
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
 
     async def worker(client: httpx.AsyncClient) -> None:
         while not queue.empty():
-            batch = queue.get_nowait()
-            response = await client.post(f"{base}/api/v1/events", json=batch, headers=headers)
-            body = response.json()
-            if response.status_code != 200 or body["accepted"] != len(batch):
-                raise SystemExit(f"ingest refused events: {response.status_code} {str(body)[:500]}")
+            count, body = queue.get_nowait()
+            response = await client.post(f"{base}/api/v1/events", content=body, headers=headers)
+            answer = response.json()
+            if response.status_code != 200 or answer["accepted"] != count:
+                raise SystemExit(f"ingest refused events: {response.status_code} {str(answer)[:500]}")
 
     started = time.perf_counter()
     async with httpx.AsyncClient(timeout=120) as client:
@@ -161,18 +227,92 @@ async def send_all(base: str, key: str, batches: list[list[dict[str, Any]]], cli
     return time.perf_counter() - started
 
 
-def full(args: argparse.Namespace) -> None:
+class Lines:
+    """The lines a child process prints, each with the moment it arrived."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        import queue
+        import threading
+
+        self.queue: queue.Queue[tuple[str, float]] = queue.Queue()
+        assert proc.stdout is not None
+        stdout = proc.stdout
+
+        def read() -> None:
+            for line in stdout:
+                self.queue.put((line.strip(), time.perf_counter()))
+            self.queue.put(("", time.perf_counter()))
+
+        threading.Thread(target=read, daemon=True).start()
+
+    def wait_for(self, word: str, timeout: float, log: Path) -> float:
+        import queue
+
+        deadline = time.perf_counter() + timeout
+        while True:
+            try:
+                line, at = self.queue.get(timeout=max(0.0, deadline - time.perf_counter()))
+            except queue.Empty:
+                raise SystemExit(f"no {word!r} within {timeout:.0f} s; see {log}") from None
+            if line == word:
+                return at
+            if line == "":
+                raise SystemExit(f"the process ended before {word!r}; see {log}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_healthy(base: str, log: Path) -> None:
     import httpx
 
+    for _ in range(300):
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"server did not start; see {log}")
+
+
+def stop(proc: subprocess.Popen[Any] | None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def profiler(pid: int) -> None:
+    """BENCH_PYSPY=out.txt profiles the process doing the work (the worker, or the embedded
+    server; the server with --api-only) for 15 s."""
+    if os.environ.get("BENCH_PYSPY"):
+        record = ["record", "--pid", str(pid), "-d", "15", "-r", "100", "-f", "raw"]
+        subprocess.Popen(
+            [str(BIN / "py-spy"), *record, "-o", os.environ["BENCH_PYSPY"]],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+
+def full(args: argparse.Namespace) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="omniloyal-bench-ingest-"))
     wh_url = (
         f"duckdb:///{workdir}/warehouse.duckdb" if args.warehouse == "duckdb" else f"chdb:///{workdir}/chdb"
     )
+    split = args.shape == "split" or args.api_only
     env = {
         **os.environ,
         "OMNILOYAL_DATABASE_URL": f"sqlite:///{workdir}/omniloyal.db",
         "OMNILOYAL_WAREHOUSE_URL": wh_url,
         "OMNILOYAL_AUTH_CACHE_SECONDS": "60",
+        "OMNILOYAL_RUN_WORKERS": "0" if split else "1",
     }
     python = str(BIN / "python")
     omniloyal = str(BIN / "omniloyal")
@@ -187,90 +327,111 @@ def full(args: argparse.Namespace) -> None:
     key = run([omniloyal, "keys", "create", "--role", "admin"], env)
     rng = random.Random(7)
     events = [web_event(i, args.members, rng) for i in range(args.events)]
-    batches = [events[i : i + BATCH] for i in range(0, len(events), BATCH)]
-    last = events[-1]
-    if "member" not in last:  # the clock stops when this member's timeline shows the last event
-        last["member"] = {"id": 1}
-        last.pop("anonymous_id", None)
+    # The senders' work is not what is measured: bodies are serialised before the clock starts.
+    bodies = [
+        (len(events[i : i + BATCH]), json.dumps(events[i : i + BATCH]).encode())
+        for i in range(0, len(events), BATCH)
+    ]
+    watched = [str(args.events)]
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     # BENCH_SERVER_PREFIX runs the server under a profiler, e.g. "py-spy record -o prof.txt -f raw --".
     prefix = os.environ.get("BENCH_SERVER_PREFIX", "").split()
-    server = subprocess.Popen(
-        [*prefix, python, "-c", SERVER, str(port), str(args.consumer_batch)],
-        env=env,
-        stdout=(workdir / "server.log").open("wb"),
-        stderr=subprocess.STDOUT,
-    )
+    server_log = workdir / "server.log"
+    worker_log = workdir / "worker.log"
+    server: subprocess.Popen[Any] | None = None
+    worker: subprocess.Popen[str] | None = None
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        else:
-            raise SystemExit(f"server did not start; see {workdir / 'server.log'}")
-        if os.environ.get("BENCH_PYSPY"):  # profile the server while it works: BENCH_PYSPY=out.txt
-            subprocess.Popen(
-                [
-                    str(BIN / "py-spy"),
-                    "record",
-                    "--pid",
-                    str(server.pid),
-                    "-d",
-                    "15",
-                    "-r",
-                    "50",
-                    "-f",
-                    "raw",
-                    "-o",
-                    os.environ["BENCH_PYSPY"],
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+        if split:
+            server = subprocess.Popen(
+                [*prefix, omniloyal, "serve", "--port", str(port)],
+                env=env,
+                stdout=server_log.open("wb"),
+                stderr=subprocess.STDOUT,
             )
+            wait_healthy(base, server_log)
+            if args.api_only:
+                profiler(server.pid)
+                sent = asyncio.run(send_all(base, key, bodies, args.clients))
+                stop(server)
+                api_only_report(args, env, sent)
+                return
+            # The worker starts once the server has migrated the store (two migrating at once would race).
+            worker = subprocess.Popen(
+                [python, "-c", WORKER, *watched],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=worker_log.open("wb"),
+                text=True,
+            )
+            lines, log = Lines(worker), worker_log
+        else:
+            worker = subprocess.Popen(
+                [*prefix, python, "-c", EMBEDDED, *watched, str(port)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=server_log.open("wb"),
+                text=True,
+            )
+            wait_healthy(base, server_log)
+            lines, log = Lines(worker), server_log
+        lines.wait_for("ready", 600, log)  # the import's member snapshots are in the warehouse
+        profiler(worker.pid)
+        # CPU used meanwhile, per process: what the run costs, whatever else shares the machine.
+        processes = {"API": server, "worker": worker} if server is not None else {"server": worker}
+        cpu = {name: cpu_seconds(proc.pid) for name, proc in processes.items() if proc is not None}
+        load = os.getloadavg()[0]
         started = time.perf_counter()
-        sent = asyncio.run(send_all(base, key, batches, args.clients))
-        member = last["member"]["id"]
-        headers = {"Authorization": f"Bearer {key}"}
-        deadline = time.perf_counter() + 600
-        while time.perf_counter() < deadline:
-            response = httpx.get(
-                f"{base}/api/v1/admin/members/{member}/timeline",
-                params={"limit": 1},
-                headers=headers,
-                timeout=30,
-            )
-            if response.status_code != 200:
-                raise SystemExit(f"timeline: {response.status_code} {response.text[:300]}")
-            page = response.json()
-            if page.get("items") and page["items"][0]["id"] == last["id"]:
-                break
-            time.sleep(0.05)
-        else:
-            raise SystemExit("the last event never reached the warehouse")
-        loaded = time.perf_counter() - started
+        sent = asyncio.run(send_all(base, key, bodies, args.clients))
+        loaded = lines.wait_for("loaded", 600, log) - started
+        for name, proc in processes.items():
+            if proc is not None:
+                cpu[name] = cpu_seconds(proc.pid) - cpu[name]
     finally:
-        server.terminate()
-        server.wait(30)
+        stop(worker)
+        stop(server)
     from omniloyal.analytics.warehouse import open_warehouse
 
     wh = open_warehouse(wh_url)
-    count = wh.scalar("SELECT count(*) FROM {events}")
-    linked = wh.scalar("SELECT count(*) FROM {events} WHERE member_id IS NOT NULL")
+    count = wh.scalar("SELECT count(*) FROM {events} WHERE id LIKE 'ev-%'")
+    linked = wh.scalar("SELECT count(*) FROM {events} WHERE id LIKE 'ev-%' AND member_id IS NOT NULL")
+    shape = (
+        "serve (RUN_WORKERS=0) + worker process" if split else "one process: serve with the embedded runtime"
+    )
     print(
-        f"full path ({args.warehouse}, {args.clients} clients, API batches of {BATCH}, "
-        f"consumer batches of {args.consumer_batch}): {args.events:,} web events\n"
+        f"full path ({shape}; {args.warehouse}, {args.clients} clients, API batches of {BATCH}): "
+        f"{args.events:,} web events\n"
         f"  accepted by the API in {sent:.2f} s = {args.events / sent:,.0f} events/s\n"
         f"  in the warehouse after {loaded:.2f} s = {args.events / loaded:,.0f} events/s sustained\n"
         f"  warehouse count: {count:,} events ({linked:,} with a member)"
     )
+    for name, seconds in cpu.items():
+        print(
+            f"  CPU of the {name} process: {seconds:.2f} s = {seconds / args.events * 1e6:.0f} us/event "
+            f"(on a core of its own: {args.events / seconds:,.0f} events/s)"
+        )
+    print(f"  load average (1 min) when the clock started: {load:.2f} on {os.cpu_count()} cores")
     if count != args.events:
         raise SystemExit(f"expected {args.events:,} events in the warehouse, found {count:,}")
     if not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def api_only_report(args: argparse.Namespace, env: dict[str, str], sent: float) -> None:
+    import sqlite3
+
+    path = env["OMNILOYAL_DATABASE_URL"].removeprefix("sqlite:///")
+    with sqlite3.connect(path) as con:
+        count = con.execute("SELECT count(*) FROM outbox WHERE event_id LIKE 'ev-%'").fetchone()[0]
+    print(
+        f"API alone (serve, RUN_WORKERS=0, no worker; {args.clients} clients, batches of {BATCH}): "
+        f"{args.events:,} web events accepted in {sent:.2f} s = {args.events / sent:,.0f} events/s; "
+        f"outbox: {count:,}"
+    )
+    if count != args.events:
+        raise SystemExit(f"expected {args.events:,} events in the outbox, found {count:,}")
+    if not args.keep:
+        shutil.rmtree(Path(path).parent, ignore_errors=True)
 
 
 def main() -> None:
@@ -279,10 +440,14 @@ def main() -> None:
     )
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--members", type=int, default=20_000)
-    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--clients", type=int, default=2)
     parser.add_argument(
-        "--consumer-batch", type=int, default=1000, help="Events per sink call (the runtime's default is 200)"
+        "--shape",
+        choices=["split", "embedded"],
+        default="split",
+        help="split: serve (RUN_WORKERS=0) + a worker process, the production shape; embedded: one process",
     )
+    parser.add_argument("--api-only", action="store_true", help="The API alone: no worker")
     parser.add_argument("--warehouse", choices=["duckdb", "chdb"], default="duckdb")
     parser.add_argument("--sink-only", action="store_true")
     parser.add_argument("--keep", action="store_true", help="Keep the work directory")

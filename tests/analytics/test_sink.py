@@ -5,6 +5,8 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
+import pytest
+
 from omniloyal.analytics.features import member_features
 from omniloyal.analytics.sink import load
 from omniloyal.analytics.warehouse import Warehouse
@@ -213,3 +215,33 @@ def test_the_newest_link_of_a_visitor_wins_whatever_the_order(wh: Warehouse) -> 
         {"member_id": 2, "event_id": "identity.linked:v:2"}
     ]
     assert wh.scalar("SELECT member_id FROM {events} WHERE id = 'after'") == 2
+
+
+def test_a_batch_loaded_by_one_consumer_is_skipped_by_the_next_and_counted_once(wh: Warehouse) -> None:
+    # The warehouse and the segments consumers both load every batch they receive.
+    batch = [web(f"w{i}", member_id=7, minutes=i) for i in range(5)]
+    first = load(wh, batch)
+    second = load(wh, batch)
+    assert (first.loaded, second.loaded, second.duplicates) == (5, 0, 5)
+    assert wh.scalar("SELECT count(*) FROM {events}") == 5
+    assert _features(wh, 7)["last_site_visit_at"] == at(4)
+
+
+def test_events_are_loaded_again_after_the_warehouse_was_emptied(wh: Warehouse) -> None:
+    batch = [web("w1", member_id=7), web("w2", anonymous_id="visitor-1", minutes=1)]
+    load(wh, batch)
+    wh.truncate()
+    assert load(wh, batch).loaded == 2
+    assert wh.scalar("SELECT count(*) FROM {events}") == 2
+
+
+def test_a_load_rolled_back_with_its_transaction_is_not_taken_as_done(wh: Warehouse) -> None:
+    batch = [web("w1", member_id=7), web("w2", member_id=8, minutes=1)]
+    with pytest.raises(RuntimeError), wh.write_lock, wh.transaction():
+        load(wh, batch)
+        raise RuntimeError("the import failed after this batch")
+    if wh.dialect == "duckdb":  # rolled back (ClickHouse keeps what it wrote: loading again is harmless)
+        assert wh.scalar("SELECT count(*) FROM {events}") == 0
+    load(wh, batch)
+    assert wh.scalar("SELECT count(*) FROM {events}") == 2
+    assert {r["member_id"] for r in wh.query("SELECT member_id FROM {member_features}")} == {7, 8}

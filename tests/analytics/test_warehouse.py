@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -114,3 +114,31 @@ def test_insert_accepts_arrow_rows_and_columns(wh: Warehouse) -> None:
         data={"x": {"a": ["r1", "c1", "a1", "zz"]}},
     )
     assert sorted((r["anonymous_id"], r["member_id"]) for r in rows) == [("a1", 3), ("c1", 2), ("r1", 1)]
+
+
+def test_rows_come_back_exact_aware_and_null_where_nothing_is(wh: Warehouse) -> None:
+    # Times and decimals are converted in bulk: the values must be the ones stored, to the
+    # microsecond and the cent, before 1970 as after, with NULLs as None.
+    early = datetime(1969, 12, 31, 23, 59, 59, 500000, tzinfo=UTC)
+    wh.insert("identity_links", [_link("a", 1, linked_at=early), _link("b", 2)])
+    rows = wh.query("SELECT anonymous_id, linked_at FROM {identity_links} ORDER BY anonymous_id")
+    assert [r["linked_at"] for r in rows] == [early, NOW]
+    assert all(r["linked_at"].utcoffset() == timedelta(0) for r in rows)
+    row = wh.query(
+        "SELECT $d AS d, $z AS z, $neg AS neg, $t AS t, $n AS n",
+        {
+            "d": Decimal("123456789012345.67"),
+            "z": Decimal("0.00"),
+            "neg": Decimal("-0.05"),
+            "t": NOW,
+            "n": None,
+        },
+    )[0]
+    assert row == {
+        "d": Decimal("123456789012345.67"),
+        "z": Decimal("0.00"),
+        "neg": Decimal("-0.05"),
+        "t": NOW,
+        "n": None,
+    }
+    assert str(row["z"]) == "0.00"

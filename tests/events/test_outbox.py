@@ -91,6 +91,25 @@ def test_bus_down_keeps_events_pending_then_they_flow(db: Database) -> None:
     assert pending_count(db) == 0
 
 
+def test_rows_published_by_someone_else_keep_their_stamp_and_the_rest_flow(db: Database) -> None:
+    # A row in the middle already published (another dispatcher claimed it): the batch around
+    # it is published and stamped, that row is neither sent again nor stamped again.
+    ids = write(db, 6)
+    earlier = utcnow() - timedelta(hours=1)
+    with db.transaction() as session:
+        session.execute(
+            update(OutboxEvent).where(OutboxEvent.event_id == ids[2]).values(published_at=earlier),
+            execution_options={"synchronize_session": False},
+        )
+    bus = RecordingBus()
+    assert Dispatcher(db, bus, batch_size=10).run_once() == 5
+    assert bus.sent == ids[:2] + ids[3:]
+    with db.reading() as session:
+        stamps = {i: at for i, at in session.execute(select(OutboxEvent.event_id, OutboxEvent.published_at))}
+    assert stamps[ids[2]] == earlier
+    assert all(stamps[i] is not None and stamps[i] > earlier for i in ids if i != ids[2])
+
+
 def test_dispatcher_loop_backs_off_and_recovers(db: Database) -> None:
     write(db, 3)
     bus = RecordingBus()

@@ -310,3 +310,45 @@ def test_the_same_batch_sent_twice_at_once_is_accepted_once(api: Api, db: Databa
         thread.join()
     assert sorted((a.accepted, a.duplicates) for a in answers) == [(0, 200), (200, 0)]
     assert len(_outbox(db)) == 200
+
+
+def test_ingested_events_reach_consumers_as_the_envelopes_sent(api: Api, db: Database) -> None:
+    from datetime import UTC, datetime
+
+    from omniloyal.events.bus.memory import MemoryBus
+    from omniloyal.events.dispatcher import Dispatcher
+    from omniloyal.events.envelope import EventEnvelope
+
+    member_id = _member(api)
+    batch = [
+        _event(
+            "p1",
+            "product_view",
+            member={"id": member_id},
+            url="https://shop.example/milk?utm_source=ads&utm_campaign=spring",
+            properties={"sku": "MILK-1", "price": 89.9, "note": "молоко"},
+        ),
+        _event("p2", "page_view", utm={"campaign": "bread"}),
+    ]
+    assert api.post("/api/v1/events", json=batch).json()["accepted"] == 2
+    bus = MemoryBus()
+    bus.subscribe("probe")
+    Dispatcher(db, bus).run_once()
+    received: list[EventEnvelope] = []
+    bus.consume("probe", received.extend, max_batch=100, timeout=0)
+    first, second = [e for e in received if e.id in ("p1", "p2")]
+    assert first.id == "p1" and first.type == "product_view" and first.member_id == member_id
+    assert first.occurred_at == datetime(2026, 11, 23, 7, 0, tzinfo=UTC)
+    assert first.properties == {
+        "sku": "MILK-1",
+        "price": "89.90",
+        "note": "молоко",
+        "url": "https://shop.example/milk?utm_source=ads&utm_campaign=spring",
+    }
+    assert first.utm == {"utm_source": "ads", "utm_campaign": "spring"}
+    assert (first.source, first.anonymous_id, first.store) == ("web", "visitor-1", None)
+    assert second.utm == {"utm_campaign": "bread"} and second.member_id is None
+    # Stored as the envelope's own JSON: what the bus carries is what was written.
+    with db.reading() as session:
+        payload = session.scalar(select(OutboxEvent.payload).where(OutboxEvent.event_id == "p1"))
+    assert EventEnvelope.model_validate(payload) == first

@@ -33,7 +33,8 @@ import shutil
 import tempfile
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Container, Hashable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -71,6 +72,35 @@ def _arrow_of(value: Data, schema: pa.Schema | None = None) -> pa.Table:
     return pa.Table.from_pylist([dict(r) for r in value], schema=schema)
 
 
+# What pyarrow gives for a UTC timestamp (its tzinfo object, so rows compare and print the same).
+_UTC_EPOCH = pa.scalar(0, type=pa.timestamp("us", tz="UTC")).as_py()
+
+
+def _values(column: pa.ChunkedArray) -> list[Any]:
+    """A column as Python values, as ``to_pylist`` gives them. UTC timestamps and decimals are
+    converted here: pyarrow builds each aware datetime through the time zone (about 5 us a
+    value, the bulk of reading a row of features) and each Decimal slower than from its text."""
+    kind = column.type
+    if column.null_count == len(column):  # e.g. the visit times of members who never came
+        return [None] * len(column)
+    if pa.types.is_timestamp(kind) and kind.unit == "us" and kind.tz == "UTC":
+        epoch, step = _UTC_EPOCH, timedelta
+        return [
+            None if v is None else epoch + step(microseconds=v) for v in column.cast(pa.int64()).to_pylist()
+        ]
+    if pa.types.is_decimal(kind):
+        return [None if v is None else Decimal(v) for v in column.cast(pa.string()).to_pylist()]
+    values: list[Any] = column.to_pylist()
+    return values
+
+
+def rows_of(table: pa.Table) -> Rows:
+    """An Arrow table as rows (dicts): Decimal, aware UTC datetimes, lists, None for NULL."""
+    names = table.column_names
+    columns = [_values(table.column(i)) for i in range(table.num_columns)]
+    return [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)]
+
+
 def _utc(value: datetime) -> datetime:
     if value.tzinfo is None:
         raise ValueError("warehouse times must be timezone-aware")
@@ -88,6 +118,41 @@ class _Ref:
         return f"{self.base}{f' AS {alias}' if alias else ''}{self.suffix}"
 
 
+class RecentKeys:
+    """Keys of rows this process wrote to a table lately and saw committed: bounded, the
+    oldest forgotten first. Only ever a subset of what the table holds, so "in here" means
+    "stored" (the sink skips the warehouse lookup for them); whatever empties the table
+    clears it."""
+
+    def __init__(self, capacity: int = 50_000) -> None:
+        self.capacity = capacity
+        self._keys: OrderedDict[Hashable, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    @property
+    def keys(self) -> Container[Hashable]:
+        """The keys, for fast membership tests (read only)."""
+        return self._keys.keys()
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def add(self, keys: Iterable[Hashable]) -> None:
+        with self._lock:
+            known = self._keys
+            for key in keys:
+                known[key] = None
+            while len(known) > self.capacity:
+                known.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._keys.clear()
+
+
 class Warehouse(ABC):
     """Common behaviour; subclasses run SQL and move Arrow tables."""
 
@@ -96,6 +161,10 @@ class Warehouse(ABC):
     def __init__(self, url: str) -> None:
         self.url = url
         self.write_lock = threading.RLock()
+        # Events this process loaded, as (id, occurred_at) (``analytics.sink``): a batch
+        # delivered to several consumers that all load it (the sink and the segments consumer)
+        # is looked up once.
+        self.loaded_events = RecentKeys()
 
     # ------------------------------------------------------------- rendering
 
@@ -175,8 +244,7 @@ class Warehouse(ABC):
         self, sql: str, params: Mapping[str, Any] | None = None, *, data: Mapping[str, Data] | None = None
     ) -> Rows:
         """Rows as dicts: Decimal, aware UTC datetimes, lists, None for NULL."""
-        rows: Rows = self.query_arrow(sql, params, data=data).to_pylist()
-        return rows
+        return rows_of(self.query_arrow(sql, params, data=data))
 
     def scalar(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
         table = self.query_arrow(sql, params)
@@ -244,6 +312,12 @@ class Warehouse(ABC):
         """Atomic on DuckDB; on ClickHouse (no transactions) every step is idempotent instead."""
         yield
 
+    def after_commit(self, action: Callable[[], None]) -> None:
+        """Runs ``action`` once what this thread wrote so far is committed: at the end of the
+        outermost transaction (never, if it rolls back), or now outside one and on engines
+        without transactions (their writes are final when the call returns)."""
+        action()
+
     def ensure_schema(self) -> None:
         """Creates the missing tables, and adds the columns a newer version declares (the
         warehouse's only migrations: additive; data is derived and can be reloaded)."""
@@ -265,6 +339,7 @@ class Warehouse(ABC):
 
     def truncate(self) -> None:
         """Empties every table (tests, benchmarks)."""
+        self.loaded_events.clear()
         for name in TABLES:
             self.execute(f"TRUNCATE TABLE {self.qualified(name)}")
 
@@ -417,14 +492,25 @@ class DuckDBWarehouse(Warehouse):
         cursor = self._cursor()
         cursor.execute("BEGIN TRANSACTION")
         local.depth = 1
+        local.after = []
         try:
             yield
         except BaseException:
             local.depth = 0
+            local.after = []
             cursor.execute("ROLLBACK")
             raise
         local.depth = 0
         cursor.execute("COMMIT")
+        actions, local.after = local.after, []
+        for action in actions:
+            action()
+
+    def after_commit(self, action: Callable[[], None]) -> None:
+        if getattr(self._local, "depth", 0):
+            self._local.after.append(action)
+        else:
+            action()
 
     def _ddl(self, definition: TableDef) -> str:
         return definition.duckdb_ddl()
@@ -439,10 +525,12 @@ class DuckDBWarehouse(Warehouse):
         return definition.duckdb_add_column(column)
 
     def truncate(self) -> None:
+        self.loaded_events.clear()
         for name in TABLES:
             self.execute(f"DELETE FROM {name}")
 
     def close(self) -> None:
+        self.loaded_events.clear()
         self._con.close()
 
 

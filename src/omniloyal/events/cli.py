@@ -47,7 +47,12 @@ def worker(
             "[yellow]bus is in-process (memory://):[/yellow] this worker serves only its own consumers; "
             "set OMNILOYAL_BUS_URL=amqp://... to share the work between processes"
         )
+    from omniloyal.cli import tune_gc
+
     runtime = Runtime(settings, db, consumers=consumer, dispatch=not no_dispatch)
+    # Envelopes wait in the queues by the thousand: with the default thresholds the collector
+    # keeps rescanning the whole heap (worker CPU per event 55-66 µs without, 43-48 µs with).
+    tune_gc()
     stop = threading.Event()
 
     def on_signal(signum: int, _: Any) -> None:

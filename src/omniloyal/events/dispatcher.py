@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import ColumnElement, Text, cast, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from omniloyal.db.engine import Database
@@ -35,7 +35,9 @@ from omniloyal.kernel.clock import utcnow
 
 log = logging.getLogger("omniloyal.dispatcher")
 
-DEFAULT_BATCH = 500
+# Outbox rows per publish: two short SQLite transactions per batch, so bigger batches cost less
+# per event; the broker confirms a batch in one round trip.
+DEFAULT_BATCH = 1000
 DEFAULT_RETENTION_DAYS = 7
 
 
@@ -103,22 +105,48 @@ def purge_published(
             return total
 
 
-def _pending(session: Session, batch_size: int, *, lock: bool) -> list[tuple[int, EventEnvelope]]:
+# An outbox row on its way: seq, event id, type, and the envelope as the JSON text stored.
+_Row = tuple[int, str, str, str]
+
+
+def _pending(session: Session, batch_size: int, *, lock: bool) -> list[_Row]:
+    # The payload is read as the JSON text it is: Pydantic validates it straight from the text
+    # (half the cost of the JSON column's json.loads followed by model_validate), or a bus that
+    # takes JSON (RabbitMQ) sends it as it is.
     stmt = (
-        select(OutboxEvent.seq, OutboxEvent.payload)
+        select(OutboxEvent.seq, OutboxEvent.event_id, OutboxEvent.type, cast(OutboxEvent.payload, Text))
         .where(OutboxEvent.published_at.is_(None))
         .order_by(OutboxEvent.seq)
         .limit(batch_size)
     )
     if lock:
         stmt = stmt.with_for_update(skip_locked=True)
-    return [(seq, EventEnvelope.model_validate(payload)) for seq, payload in session.execute(stmt)]
+    # On the connection: a plain Core result, without the ORM's row handling.
+    rows = session.connection().execute(stmt)
+    return [(seq, event_id, type, payload) for seq, event_id, type, payload in rows]
+
+
+def _publish(bus: Bus, rows: Sequence[_Row]) -> None:
+    publish_json = getattr(bus, "publish_json", None)
+    if publish_json is not None:
+        publish_json([(event_id, type, payload) for _, event_id, type, payload in rows])
+    else:
+        bus.publish([EventEnvelope.model_validate_json(payload) for *_, payload in rows])
+
+
+def _rows(seqs: Sequence[int]) -> ColumnElement[bool]:
+    """These rows: a range when the seqs follow each other (the usual batch: one bound pair
+    instead of a parameter per row), else the list."""
+    low, high = min(seqs), max(seqs)
+    if high - low + 1 == len(set(seqs)):
+        return OutboxEvent.seq.between(low, high)
+    return OutboxEvent.seq.in_(seqs)
 
 
 def _stamp(session: Session, seqs: Sequence[int]) -> None:
     if seqs:
         session.execute(
-            update(OutboxEvent).where(OutboxEvent.seq.in_(seqs)).values(published_at=utcnow()),
+            update(OutboxEvent).where(_rows(seqs)).values(published_at=utcnow()),
             execution_options={"synchronize_session": False},
         )
 
@@ -126,7 +154,7 @@ def _stamp(session: Session, seqs: Sequence[int]) -> None:
 def _failed(session: Session, seqs: Sequence[int]) -> None:
     if seqs:
         session.execute(
-            update(OutboxEvent).where(OutboxEvent.seq.in_(seqs)).values(attempts=OutboxEvent.attempts + 1),
+            update(OutboxEvent).where(_rows(seqs)).values(attempts=OutboxEvent.attempts + 1),
             execution_options={"synchronize_session": False},
         )
 
@@ -165,12 +193,12 @@ class Dispatcher:
             if not rows:
                 return 0
             try:
-                self.bus.publish([e for _, e in rows])
+                _publish(self.bus, rows)
                 done = len(rows)
             except BusUnavailable as exc:
                 error, done = exc, exc.published
-            _stamp(session, [seq for seq, _ in rows[:done]])
-            _failed(session, [seq for seq, _ in rows[done:]])
+            _stamp(session, [row[0] for row in rows[:done]])
+            _failed(session, [row[0] for row in rows[done:]])
         self.published += done
         if error is not None:
             raise error
@@ -183,13 +211,13 @@ class Dispatcher:
             return 0
         error: BusUnavailable | None = None
         try:
-            self.bus.publish([e for _, e in rows])
+            _publish(self.bus, rows)
             done = len(rows)
         except BusUnavailable as exc:
             error, done = exc, exc.published
         with self.db.transaction() as session:
-            _stamp(session, [seq for seq, _ in rows[:done]])
-            _failed(session, [seq for seq, _ in rows[done:]])
+            _stamp(session, [row[0] for row in rows[:done]])
+            _failed(session, [row[0] for row in rows[done:]])
         self.published += done
         if error is not None:
             raise error

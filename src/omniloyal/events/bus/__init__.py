@@ -49,7 +49,11 @@ class Bus(Protocol):
     """What the dispatcher and the consumer workers need from a bus."""
 
     def publish(self, envelopes: Sequence[EventEnvelope]) -> None:
-        """Returns once the bus has durably taken every envelope; raises ``BusUnavailable``."""
+        """Returns once the bus has durably taken every envelope; raises ``BusUnavailable``.
+
+        A bus that carries JSON may also offer ``publish_json(messages)``, the same for
+        envelopes already serialised as ``(id, type, JSON text)``: the dispatcher then hands it
+        the outbox's payloads as they are (RabbitMQ does; the in-process bus takes envelopes)."""
 
     def subscribe(self, consumer: str, types: Sequence[str] = ("#",)) -> None:
         """Creates the consumer's queue (idempotent) bound to ``types`` (topic patterns:

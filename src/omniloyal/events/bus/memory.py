@@ -26,19 +26,44 @@ DEFAULT_MAX_QUEUE = 200_000
 
 @dataclass
 class _Message:
+    """A message handed out before and failed: the envelope and its failed deliveries. A
+    message never delivered yet sits in the queue as the bare envelope (no object per event
+    on the way in)."""
+
     envelope: EventEnvelope
     attempts: int = 0
+
+
+def _message(item: EventEnvelope | _Message) -> _Message:
+    return item if isinstance(item, _Message) else _Message(item)
+
+
+def _envelope(item: EventEnvelope | _Message) -> EventEnvelope:
+    return item.envelope if isinstance(item, _Message) else item
 
 
 @dataclass
 class _Queue:
     patterns: set[str]
-    items: deque[_Message] = field(default_factory=deque)
+    items: deque[EventEnvelope | _Message] = field(default_factory=deque)
     dead: list[_Message] = field(default_factory=list)
     in_flight: int = 0
+    # Routing decisions by event type (a handful of types; matching topics costs more than the
+    # rest of publishing). Emptied when the patterns change.
+    routes: dict[str, bool] = field(default_factory=dict)
 
     def wants(self, event_type: str) -> bool:
-        return any(topic_matches(p, event_type) for p in self.patterns)
+        wanted = self.routes.get(event_type)
+        if wanted is None:
+            wanted = self.routes[event_type] = any(topic_matches(p, event_type) for p in self.patterns)
+        return wanted
+
+    def wanted(self, envelopes: Sequence[EventEnvelope]) -> Sequence[EventEnvelope]:
+        """The envelopes of the types this queue is bound to (all of them, usually)."""
+        types = {e.type for e in envelopes}
+        if all(self.wants(t) for t in types):
+            return envelopes
+        return [e for e in envelopes if self.wants(e.type)]
 
 
 class MemoryBus:
@@ -58,6 +83,7 @@ class MemoryBus:
                 self._queues[consumer] = _Queue(set(types))
             else:
                 queue.patterns.update(types)
+                queue.routes.clear()
 
     def publish(self, envelopes: Sequence[EventEnvelope]) -> None:
         if not envelopes:
@@ -65,12 +91,12 @@ class MemoryBus:
         with self._cond:
             if self._closed:
                 raise BusUnavailable("the in-process bus is closed")
-            routed = [(q, [e for e in envelopes if q.wants(e.type)]) for q in self._queues.values()]
+            routed = [(q, q.wanted(envelopes)) for q in self._queues.values()]
             for queue, items in routed:
                 if items and len(queue.items) + len(items) > self.max_queue:
                     raise BusUnavailable(f"a consumer queue is full ({len(queue.items)} waiting)")
             for queue, items in routed:
-                queue.items.extend(_Message(e) for e in items)
+                queue.items.extend(items)
             self._cond.notify_all()
 
     def _queue(self, consumer: str) -> _Queue:
@@ -95,21 +121,22 @@ class MemoryBus:
             batch = [queue.items.popleft() for _ in range(min(max_batch, len(queue.items)))]
             queue.in_flight += len(batch)
         try:
+            envelopes = [_envelope(m) for m in batch]
             try:
-                handler([m.envelope for m in batch])
+                handler(envelopes)
                 return Consumed(len(batch))
             except Exception:
                 log.exception("consumer %s failed on a batch of %d", consumer, len(batch))
             failures = batch if len(batch) == 1 else []
             if len(batch) > 1:  # find the culprits: the others are handled
-                for message in batch:
+                for message, envelope in zip(batch, envelopes, strict=True):
                     try:
-                        handler([message.envelope])
+                        handler([envelope])
                     except Exception:
-                        log.exception("consumer %s failed on event %s", consumer, message.envelope.id)
+                        log.exception("consumer %s failed on event %s", consumer, envelope.id)
                         failures.append(message)
             for message in failures:
-                self._failed(queue, message)
+                self._failed(queue, _message(message))
             return Consumed(len(batch), len(failures))
         finally:
             with self._cond:
@@ -136,7 +163,7 @@ class MemoryBus:
     def replay_dead_letters(self, consumer: str) -> int:
         with self._cond:
             queue = self._queue(consumer)
-            moved = [_Message(m.envelope) for m in queue.dead]
+            moved = [m.envelope for m in queue.dead]
             queue.dead.clear()
             queue.items.extend(moved)
             self._cond.notify_all()

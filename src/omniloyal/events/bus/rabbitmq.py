@@ -209,10 +209,15 @@ class RabbitMQBus:
                 state.declared.discard(consumer)
 
     def publish(self, envelopes: Sequence[EventEnvelope]) -> None:
+        self.publish_json([(e.id, e.type, e.model_dump_json()) for e in envelopes])
+
+    def publish_json(self, messages: Sequence[tuple[str, str, str]]) -> None:
+        """``publish`` for envelopes already serialised, as (id, type, JSON text): the
+        dispatcher hands over the outbox's JSON as it is, neither parsed nor dumped again."""
         done = 0
         for attempt in (1, 2):
             try:
-                done += self._publish_confirmed(envelopes[done:])
+                done += self._publish_confirmed(messages[done:])
                 return
             except _Unconfirmed as exc:
                 done += exc.published
@@ -222,23 +227,23 @@ class RabbitMQBus:
                 if attempt == 2 or not _is_connection_error(cause):
                     raise BusUnavailable(f"RabbitMQ did not confirm: {cause!r}", published=done) from cause
 
-    def _publish_confirmed(self, envelopes: Sequence[EventEnvelope]) -> int:
+    def _publish_confirmed(self, messages: Sequence[tuple[str, str, str]]) -> int:
         """Streams the messages, then waits for the broker to confirm all of them."""
         tags: list[int] = []
         publisher: _Publisher | None = None
         try:
             state, publisher = self._publisher()
             impl = publisher.channel._impl
-            for envelope in envelopes:
+            for event_id, event_type, body in messages:
                 impl.basic_publish(
                     self.exchange,
-                    envelope.type,
-                    envelope.model_dump_json().encode(),
+                    event_type,
+                    body.encode(),
                     pika.BasicProperties(
                         content_type="application/json",
                         delivery_mode=pika.DeliveryMode.Persistent,
-                        message_id=envelope.id,
-                        type=envelope.type,
+                        message_id=event_id,
+                        type=event_type,
                     ),
                 )
                 tags.append(publisher.next_tag)
