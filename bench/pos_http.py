@@ -413,6 +413,7 @@ def main() -> None:
         print(f"seeding {a.members} members on {url.split('@')[-1]} ...", file=sys.stderr)
         pos_key, cards, skus = seed(base, admin_key(url), a.members)
         asyncio.run(run_load(base, pos_key, cards, skus, 20, 3, "warm"))
+        print(f"measuring {a.seconds:.0f} s at {a.rate:.0f} requests/s ...", file=sys.stderr)
         lat, errors, elapsed, cpu = measured(proc, base, pos_key, cards, skus, a.rate / 2, a.seconds, "fixed")
         report(f"at {a.rate:.0f} requests/s", lat, errors, elapsed, cpu)
         if a.find_max:

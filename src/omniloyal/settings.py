@@ -29,6 +29,11 @@ class Settings(BaseSettings):
     # Run the outbox dispatcher and the event consumers inside `serve` (embedded). Production sets
     # it to false and runs `omniloyal worker` processes, so tills never share a CPU with the sinks.
     run_workers: bool = True
+    # How long an event consumer waits, once a first event is there, for more to fill its batch.
+    # Sinks pay a fixed cost per batch (a warehouse transaction): at a till's pace of a few
+    # purchases a second, waiting a little makes that cost shared by many events instead of
+    # paid for each. It adds at most this much to the event -> profile/segment latency.
+    consumer_linger_ms: int = Field(default=300, ge=0, le=10_000)
 
 
 @lru_cache(maxsize=1)

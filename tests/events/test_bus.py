@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -106,6 +108,27 @@ def test_a_failing_event_is_retried_then_dead_lettered_and_the_others_are_handle
     assert bus.replay_dead_letters("c") == 1
     assert [e.id for e in drain(bus, "c")] == [sent[3].id]
     assert bus.dead_letters("c") == 0
+
+
+def test_a_consumer_lingers_for_a_fuller_batch(bus: Bus) -> None:
+    """Events trickling in (a till's pace) reach a lingering consumer as one batch: its fixed
+    cost per batch is paid once. Without linger the first event goes alone."""
+    bus.subscribe("c", ["#"])
+    bus.publish(events(1))
+    late = threading.Timer(0.2, lambda: bus.publish(events(4, start=1)))
+    late.start()
+    batches: list[int] = []
+    started = time.monotonic()
+    bus.consume("c", lambda b: batches.append(len(b)), max_batch=5, timeout=1, linger=5)
+    late.join()
+    # The batch filled up (5 events) long before the linger ran out.
+    assert batches == [5] and time.monotonic() - started < 3
+
+    bus.publish(events(1, start=10))
+    threading.Timer(0.3, lambda: bus.publish(events(1, start=11))).start()
+    bus.consume("c", lambda b: batches.append(len(b)), max_batch=5, timeout=1)
+    assert batches == [5, 1]
+    drain(bus, "c")
 
 
 def test_a_transient_failure_is_delivered_again(bus: Bus) -> None:

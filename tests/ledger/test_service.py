@@ -325,3 +325,24 @@ def test_a_debt_blocks_spending_and_the_next_accruals_pay_it_first(db: Database,
     paid = bonus(db, member_id, T0)
     assert (paid.available, paid.total) == (30, 30)
     check_books(db, [member_id])
+
+
+def test_balances_of_many_members_at_once_match_each_balance(db: Database, member_id: int) -> None:
+    """The warehouse mirror reads balances of a whole batch of members in one statement: the
+    same available points as the member's own balance (pending lots, holds, debts included)."""
+    other, empty = member(db), member(db)
+    accrue(db, member_id, "100")
+    accrue(db, member_id, "30", activation_delay=3 * DAY)
+    accrue(db, other, "50", lifetime=DAY)
+    accrue(db, other, "20", at=T0 + DAY)
+    with db.transaction() as session:
+        service.reserve(
+            session, member_id=member_id, currency="bonus", amount=Decimal(40), operation_id="op", at=T0
+        )
+    for at in (T0, T0 + 2 * DAY, T0 + 5 * DAY):
+        many = service.members_balances(db, [member_id, other, empty, 999_999], at)
+        assert set(many) == {member_id, other}  # no account, no balance
+        for who in (member_id, other):
+            each = service.member_balance(db, who, at).balances
+            assert [(b.currency, b.available) for b in many[who]] == [(b.currency, b.available) for b in each]
+    assert service.members_balances(db, [member_id], T0)[member_id][0].available == 60

@@ -196,3 +196,16 @@ def test_roles_and_the_client_scope(api: Api, db: Database) -> None:
     created = operator.post(MEMBERS, json={"first_name": "By phone"})
     assert created.status_code == 201
     assert audit(api, "member", created.json()["id"])[0]["actor"] == "operator:call centre"
+
+
+def test_contact_facts_of_many_members(api: Api, db: Database) -> None:
+    """Status, contacts and cards of a batch of members in two statements (the warehouse mirror)."""
+    from omniloyal.members import service
+
+    first = new_member(api, phone="+79161234567", cards=[{"number": "2000000000017"}])
+    second = new_member(api, email="a@example.com")
+    facts = service.contact_facts(db, [first["id"], second["id"], 424242])
+    assert set(facts) == {first["id"], second["id"]}
+    assert facts[first["id"]].phone == "+79161234567" and facts[first["id"]].status == first["status"]
+    assert [c[0] for c in facts[first["id"]].cards] == [c["number"] for c in first["cards"]] != []
+    assert facts[second["id"]].email == "a@example.com" and facts[second["id"]].cards == ()

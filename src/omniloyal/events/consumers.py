@@ -214,6 +214,7 @@ class Runtime:
         # (RabbitMQ: also the prefetch.)
         consumer_batch: int = 2000,
         poll_timeout: float = 0.5,
+        linger: float | None = None,
         idle_interval: float = 0.1,
         retention_days: int = DEFAULT_RETENTION_DAYS,
         retention_interval: float = 3600.0,
@@ -227,6 +228,7 @@ class Runtime:
         self.dispatch = dispatch
         self.consumer_batch = consumer_batch
         self.poll_timeout = poll_timeout
+        self.linger = settings.consumer_linger_ms / 1000 if linger is None else linger
         self.retention_days = retention_days
         self.retention_interval = retention_interval
         self.dispatcher = Dispatcher(db, self.bus, batch_size=batch_size, idle_interval=idle_interval)
@@ -278,7 +280,11 @@ class Runtime:
             started = time.monotonic()
             try:
                 result = self.bus.consume(
-                    name, handler, max_batch=self.consumer_batch, timeout=self.poll_timeout
+                    name,
+                    handler,
+                    max_batch=self.consumer_batch,
+                    timeout=self.poll_timeout,
+                    linger=self.linger,
                 )
             except BusUnavailable as exc:
                 if self._stop.is_set():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Sequence
 from datetime import datetime
+from functools import lru_cache
 
 import pyarrow as pa
 
@@ -39,38 +40,17 @@ _mirrored: dict[str, datetime] = {}
 _mirrored_lock = threading.Lock()
 
 
-def _rows_of(
-    db: Database, member_id: int, now: datetime
-) -> tuple[dict[str, object] | None, list[dict[str, object]], list[dict[str, object]]]:
-    try:
-        member = members.get_member(db, member_id)
-    except NotFound:
-        return None, [], []
-    phone = quality.check_phone(member.phone) if member.phone else None
-    email = quality.check_email(member.email) if member.email else None
-    loyalty = {
-        "member_id": member_id,
-        "status": member.status,
-        "phone_valid": bool(phone and phone.status == quality.VALID),
-        "phone_mobile": bool(phone and phone.status == quality.VALID and phone.type in quality.SMS_TYPES),
-        "email_valid": bool(email and email.status == quality.VALID),
-        "updated_at": now,
-    }
-    cards: list[dict[str, object]] = [
-        {
-            "member_id": member_id,
-            "card": card.number,
-            "state": card.state,
-            "blocked": card.blocked,
-            "updated_at": now,
-        }
-        for card in member.cards
-    ]
-    balances = [
-        {"member_id": member_id, "currency": b.currency, "balance": b.available, "updated_at": now}
-        for b in ledger.member_balance(db, member_id).balances
-    ]
-    return loyalty, cards, balances
+@lru_cache(maxsize=65536)
+def _phone_facts(phone: str) -> tuple[bool, bool]:
+    """(valid, mobile) of a stored phone: parsing is the costly part of a mirror, and phones repeat."""
+    checked = quality.check_phone(phone)
+    valid = checked.status == quality.VALID
+    return valid, valid and checked.type in quality.SMS_TYPES
+
+
+@lru_cache(maxsize=65536)
+def _email_valid(email: str) -> bool:
+    return quality.check_email(email).status == quality.VALID
 
 
 def refresh_members(db: Database, wh: Warehouse, member_ids: Iterable[int]) -> int:
@@ -80,13 +60,34 @@ def refresh_members(db: Database, wh: Warehouse, member_ids: Iterable[int]) -> i
         return 0
     tables.ensure(wh)
     now = utcnow()
-    loyalty_rows, card_rows, balance_rows = [], [], []
+    facts = members.contact_facts(db, ids)
+    balances = ledger.members_balances(db, ids, now)
+    loyalty_rows: list[dict[str, object]] = []
+    card_rows: list[dict[str, object]] = []
+    balance_rows: list[dict[str, object]] = []
     for member_id in ids:
-        loyalty, cards, balances = _rows_of(db, member_id, now)
-        if loyalty is not None:
-            loyalty_rows.append(loyalty)
-        card_rows.extend(cards)
-        balance_rows.extend(balances)
+        member = facts.get(member_id)
+        if member is None:  # gone (merged away): its rows are removed below
+            continue
+        phone_valid, phone_mobile = _phone_facts(member.phone) if member.phone else (False, False)
+        loyalty_rows.append(
+            {
+                "member_id": member_id,
+                "status": member.status,
+                "phone_valid": phone_valid,
+                "phone_mobile": phone_mobile,
+                "email_valid": _email_valid(member.email) if member.email else False,
+                "updated_at": now,
+            }
+        )
+        card_rows.extend(
+            {"member_id": member_id, "card": number, "state": state, "blocked": blocked, "updated_at": now}
+            for number, state, blocked in member.cards
+        )
+        balance_rows.extend(
+            {"member_id": member_id, "currency": b.currency, "balance": b.available, "updated_at": now}
+            for b in balances.get(member_id, ())
+        )
     id_list = ", ".join(str(i) for i in ids)
     where = f"member_id IN ({id_list})"
     with wh.write_lock, wh.transaction():

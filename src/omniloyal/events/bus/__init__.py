@@ -60,10 +60,18 @@ class Bus(Protocol):
         ``*`` one word, ``#`` any number of words; ``#`` alone is everything)."""
 
     def consume(
-        self, consumer: str, handler: Handler, *, max_batch: int = 100, timeout: float = 1.0
+        self,
+        consumer: str,
+        handler: Handler,
+        *,
+        max_batch: int = 100,
+        timeout: float = 1.0,
+        linger: float = 0.0,
     ) -> Consumed:
         """Waits up to ``timeout`` seconds for messages, hands up to ``max_batch`` of them to
-        ``handler`` at once and acknowledges them once it returned.
+        ``handler`` at once and acknowledges them once it returned. Once a first message is
+        there, waits up to ``linger`` seconds more for the batch to fill: a consumer with a fixed
+        cost per batch (a warehouse transaction) then pays it once for many messages at low rates.
         A failing batch is retried message by message; a message failing ``max_attempts`` times
         goes to dead letters. Raises ``BusUnavailable`` when the bus is unreachable."""
 

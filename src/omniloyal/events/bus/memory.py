@@ -106,7 +106,13 @@ class MemoryBus:
         return queue
 
     def consume(
-        self, consumer: str, handler: Handler, *, max_batch: int = 100, timeout: float = 1.0
+        self,
+        consumer: str,
+        handler: Handler,
+        *,
+        max_batch: int = 100,
+        timeout: float = 1.0,
+        linger: float = 0.0,
     ) -> Consumed:
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -115,6 +121,12 @@ class MemoryBus:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return Consumed()
+                self._cond.wait(left)
+            filled = time.monotonic() + linger
+            while len(queue.items) < max_batch and not self._closed:
+                left = filled - time.monotonic()
+                if left <= 0:
+                    break
                 self._cond.wait(left)
             if self._closed:
                 raise BusUnavailable("the in-process bus is closed")

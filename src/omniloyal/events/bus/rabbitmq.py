@@ -284,7 +284,13 @@ class RabbitMQBus:
         return state, entry
 
     def consume(
-        self, consumer: str, handler: Handler, *, max_batch: int = 100, timeout: float = 1.0
+        self,
+        consumer: str,
+        handler: Handler,
+        *,
+        max_batch: int = 100,
+        timeout: float = 1.0,
+        linger: float = 0.0,
     ) -> Consumed:
         try:
             state, entry = self._consumer(consumer, max_batch)
@@ -295,6 +301,12 @@ class RabbitMQBus:
                     return Consumed()
                 state.connection.process_data_events(time_limit=left)
             state.connection.process_data_events(time_limit=0)
+            filled = time.monotonic() + linger
+            while len(entry.buffer) < max_batch:
+                left = filled - time.monotonic()
+                if left <= 0:
+                    break
+                state.connection.process_data_events(time_limit=min(left, 0.05))
             batch = [entry.buffer.popleft() for _ in range(min(max_batch, len(entry.buffer)))]
         except _ERRORS as exc:
             self._reset()
