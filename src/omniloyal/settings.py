@@ -33,7 +33,12 @@ class Settings(BaseSettings):
     # Sinks pay a fixed cost per batch (a warehouse transaction): at a till's pace of a few
     # purchases a second, waiting a little makes that cost shared by many events instead of
     # paid for each. It adds at most this much to the event -> profile/segment latency.
-    consumer_linger_ms: int = Field(default=300, ge=0, le=10_000)
+    # Rebuild every dynamic segment this often (minutes; 0: never), for the conditions that time
+    # alone makes true ("no purchase for 30 days"): events keep segments fresh in seconds.
+    segments_refresh_minutes: int = Field(default=15, ge=0)
+    # Recompute RFM scores of every member this often (hours; 0: never): recency ages daily.
+    rfm_recompute_hours: int = Field(default=24, ge=0)
+    consumer_linger_ms: int = Field(default=500, ge=0, le=10_000)
 
 
 @lru_cache(maxsize=1)

@@ -163,3 +163,23 @@ def test_through_the_event_runtime_an_offer_follows_the_segment_within_seconds(
         assert ok(api.get(f"{SEGMENTS}/{segment['id']}"))["member_count"] == 2
         assert cheque_discount(till, "r1", "3000") == "20.00"
         assert took < 5
+
+
+def test_scheduled_jobs_rebuild_segments_and_rfm_where_the_consumer_runs(
+    api: Api, db: Database, wh: Warehouse, settings: Any
+) -> None:
+    """Conditions that time alone makes true are caught by the scheduled rebuild, which runs in
+    the process of the ``segments`` consumer (the one holding the warehouse)."""
+    jobs = {job.name: job for job in consumers.registry.jobs()}
+    refresh, recompute = jobs["segments-refresh"], jobs["rfm-recompute"]
+    assert refresh.consumer == recompute.consumer == freshness.CONSUMER_NAME
+    assert refresh.interval(settings) == 15 * 60 and recompute.interval(settings) == 24 * 3600
+    assert refresh.interval(settings.model_copy(update={"segments_refresh_minutes": 0})) == 0
+
+    new_member(api, "1000", "Kazan")
+    deliver(db, wh, 0)
+    segment = create(api, KAZAN)
+    refresh.factory(settings, db)()
+    assert ok(api.get(f"{SEGMENTS}/{segment['id']}"))["member_count"] == 1
+    assert [p["cause"] for p in ok(api.get(f"{SEGMENTS}/{segment['id']}/history"))] == ["scheduled"]
+    recompute.factory(settings, db)()  # no purchases yet: an empty run, not a failure

@@ -44,6 +44,7 @@ from omniloyal.events.dispatcher import (
 )
 from omniloyal.events.envelope import EventEnvelope
 from omniloyal.events.models import ConsumedEvent
+from omniloyal.events.schedule import Job, JobFactory, run_if_due
 from omniloyal.kernel.clock import utcnow
 from omniloyal.settings import Settings
 
@@ -74,6 +75,7 @@ class Consumer:
 class Registry:
     def __init__(self) -> None:
         self._consumers: dict[str, Consumer] = {}
+        self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
 
     def _add(self, consumer: Consumer) -> Consumer:
@@ -105,6 +107,20 @@ class Registry:
         with self._lock:
             return list(self._consumers.values())
 
+    def register_job(
+        self, name: str, *, consumer: str, interval: Callable[[Settings], float], factory: JobFactory
+    ) -> Job:
+        """Registers (or replaces) the scheduled job ``name``, run where ``consumer`` runs
+        (see ``omniloyal.events.schedule``)."""
+        job = Job(name, consumer, interval, factory)
+        with self._lock:
+            self._jobs[name] = job
+        return job
+
+    def jobs(self) -> list[Job]:
+        with self._lock:
+            return list(self._jobs.values())
+
 
 registry = Registry()
 
@@ -115,6 +131,12 @@ def register(name: str, handler: Handler, types: Sequence[str] = ("#",)) -> Cons
 
 def register_factory(name: str, factory: HandlerFactory, types: Sequence[str] = ("#",)) -> Consumer:
     return registry.register_factory(name, factory, types)
+
+
+def register_job(
+    name: str, *, consumer: str, interval: Callable[[Settings], float], factory: JobFactory
+) -> Job:
+    return registry.register_job(name, consumer=consumer, interval=interval, factory=factory)
 
 
 def load_consumer_modules(modules: Iterable[str] = ()) -> None:
@@ -218,6 +240,8 @@ class Runtime:
         idle_interval: float = 0.1,
         retention_days: int = DEFAULT_RETENTION_DAYS,
         retention_interval: float = 3600.0,
+        # How often scheduled jobs look whether their round is due (at most their interval).
+        schedule_check: float = 60.0,
     ) -> None:
         self.settings = settings
         self.db = db
@@ -231,6 +255,7 @@ class Runtime:
         self.linger = settings.consumer_linger_ms / 1000 if linger is None else linger
         self.retention_days = retention_days
         self.retention_interval = retention_interval
+        self.schedule_check = schedule_check
         self.dispatcher = Dispatcher(db, self.bus, batch_size=batch_size, idle_interval=idle_interval)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -252,6 +277,10 @@ class Runtime:
         self._stop.clear()
         for worker in self.workers.values():
             worker.thread = self._spawn(f"omniloyal-consumer-{worker.consumer.name}", self._consume, worker)
+        for job in self.registry.jobs():
+            interval = job.interval(self.settings)
+            if job.consumer in self.workers and interval > 0:
+                self._spawn(f"omniloyal-job-{job.name}", self._scheduled, job, interval)
         if self.dispatch:
             self._spawn("omniloyal-dispatcher", self.dispatcher.run, self._stop)
             self._spawn("omniloyal-outbox-retention", self._retention)
@@ -310,6 +339,16 @@ class Runtime:
                 backoff = min(backoff * 2, 10.0)
             else:
                 backoff = 0.2
+
+    def _scheduled(self, job: Job, interval: float) -> None:
+        run = job.factory(self.settings, self.db)
+        while True:
+            try:
+                run_if_due(self.db, job, run, interval)
+            except Exception:  # the claim itself failed (store unreachable): try next round
+                log.exception("scheduled job %s: could not claim its round", job.name)
+            if self._stop.wait(min(interval, self.schedule_check)):
+                return
 
     def _retention(self) -> None:
         while not self._stop.wait(self.retention_interval):

@@ -57,3 +57,16 @@ class ConsumedEvent(Base):
     consumer: Mapped[str] = mapped_column(String(100), primary_key=True)
     event_id: Mapped[str] = mapped_column(String(200), primary_key=True)
     consumed_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class ScheduledRun(Base):
+    """When a scheduled job (e.g. the segments' refresh for conditions that change with time
+    alone) last started: the claim that lets one process, and only one, run each round."""
+
+    __tablename__ = "scheduled_runs"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # The last round's failure (None when it succeeded).
+    error: Mapped[str | None] = mapped_column(String(2000), nullable=True)

@@ -13,8 +13,10 @@ For each batch of envelopes:
 4. RFM scores of members whose purchases changed are recomputed with the last run's
    boundaries (``rfm.rescore``): a move into another group is an event.
 
-Time passing alone ("no purchase for 30 days") changes no event: ``service.refresh_all`` (the
-periodic job, ``omniloyal segments refresh``) catches those.
+Time passing alone ("no purchase for 30 days") changes no event: the scheduled jobs registered
+here catch those where this consumer runs: ``segments-refresh`` (``service.refresh_all`` every
+``OMNILOYAL_SEGMENTS_REFRESH_MINUTES``, 15 by default) and ``rfm-recompute`` (every
+``OMNILOYAL_RFM_RECOMPUTE_HOURS``, 24); ``omniloyal segments refresh|rfm`` run them by hand.
 """
 
 from __future__ import annotations
@@ -72,12 +74,35 @@ def handler_factory(settings: Any, db: Database) -> Callable[[list[EventEnvelope
     return handler_for(db, get_warehouse(settings))
 
 
+def refresh_job(settings: Any, db: Database) -> Callable[[], object]:
+    """The scheduled rebuild of every dynamic segment (``segments_refresh_minutes``)."""
+    return lambda: service.refresh_all(db, get_warehouse(settings))
+
+
+def rfm_job(settings: Any, db: Database) -> Callable[[], object]:
+    """The scheduled RFM recompute of every member (``rfm_recompute_hours``)."""
+    return lambda: rfm.recompute(db, get_warehouse(settings))
+
+
 def _register() -> None:
     try:
         consumers = importlib.import_module("omniloyal.events.consumers")
     except ImportError:  # no consumer runtime: call handle() directly
         return
     consumers.register_factory(CONSUMER_NAME, handler_factory, types=("#",))
+    # Run where the consumer runs: the process that holds the warehouse.
+    consumers.register_job(
+        "segments-refresh",
+        consumer=CONSUMER_NAME,
+        interval=lambda settings: settings.segments_refresh_minutes * 60,
+        factory=refresh_job,
+    )
+    consumers.register_job(
+        "rfm-recompute",
+        consumer=CONSUMER_NAME,
+        interval=lambda settings: settings.rfm_recompute_hours * 3600,
+        factory=rfm_job,
+    )
 
 
 _register()
