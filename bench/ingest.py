@@ -464,5 +464,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from machine import note
+
     sys.path.insert(0, str(ROOT / "src"))
+    print(note())
     main()
+    print(note())

@@ -436,4 +436,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from machine import note
+
+    print(note())
     main()
+    print(note())

@@ -74,14 +74,16 @@ def _routers() -> list[Any]:
     from omniloyal.segments.api import router as segments_router
 
     return [
+        # Routes are matched in order: the till's and the trackers' paths first (every purchase
+        # and event batch), the admin screens after.
+        processing_router,
+        events_router,
         auth_router,
         catalog_router,
         quality_router,  # before members: /members/duplicates is not /members/{member_id}
         members_router,
         ledger_router,
         offers_router,
-        processing_router,
-        events_router,
         analytics_router,
         segments_router,
     ]

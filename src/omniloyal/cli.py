@@ -96,13 +96,19 @@ def serve(
     if workers == 1:
         application = create_app(settings, db, run_jobs=True)
         tune_gc()
-        uvicorn.run(application, host=h, port=p, log_level="info")
+        uvicorn.run(application, host=h, port=p, log_level="info", access_log=settings.access_log)
         return
     background = Background(settings, db)
     background.start()
     try:
         uvicorn.run(
-            "omniloyal.app:api_process", factory=True, workers=workers, host=h, port=p, log_level="info"
+            "omniloyal.app:api_process",
+            factory=True,
+            workers=workers,
+            host=h,
+            port=p,
+            log_level="info",
+            access_log=settings.access_log,
         )
     finally:
         background.stop()

@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     ledger_job_interval_seconds: int = Field(default=60, ge=1)
     # Seconds an API key lookup is cached in-process (keys revoked take this long to stop working).
     auth_cache_seconds: int = Field(default=30, ge=0)
+    # One log line per HTTP request (uvicorn's access log). A till or tracker deployment behind a
+    # proxy that logs requests can turn it off: it is ~15% of the HTTP layer's CPU.
+    access_log: bool = True
     require_services: bool = False
     # Run the outbox dispatcher and the event consumers inside `serve` (embedded). Production sets
     # it to false and runs `omniloyal worker` processes, so tills never share a CPU with the sinks.
