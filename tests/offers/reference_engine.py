@@ -579,6 +579,7 @@ def _run_discounts(snapshot: Snapshot, cheque: Cheque, ctx: _Context, result: Re
         return total
 
     def apply(cand: _Candidate, targets: list[int]) -> None:
+        before = sum((states[i].discount for i in targets), ZERO)
         for action in cand.chain.actions:
             if action.type == "set_min_price":
                 for i in targets:
@@ -600,6 +601,10 @@ def _run_discounts(snapshot: Snapshot, cheque: Cheque, ctx: _Context, result: Re
                 for i in targets:
                     st = states[i]
                     st.discount += _discount_for(action, lines[i], st.amount_after_discount, st.floor)
+        given = sum((states[i].discount for i in targets), ZERO) - before
+        if given:
+            offer_id = cand.chain.offer.id
+            result.offer_discounts[offer_id] = result.offer_discounts.get(offer_id, ZERO) + given
 
     _select_and_apply(candidates, benefit, apply, result, explain)
 

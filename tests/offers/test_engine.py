@@ -141,6 +141,8 @@ def test_priority_beats_benefit_and_summable_offers_add_up() -> None:
     # 5% first (priority), then the summable 10% of what is left: 100 - 5 - 9.50
     assert result.lines[0].discount == D("14.50")
     assert sorted(result.applied_offers) == [1, 3]
+    # Each offer's own part (what its money budget spends); the losing offer gave nothing.
+    assert result.offer_discounts == {1: D("5.00"), 3: D("9.50")}
 
 
 def test_a_line_never_goes_below_its_minimum_price() -> None:

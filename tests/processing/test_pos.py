@@ -468,3 +468,30 @@ def test_offer_period_is_store_local_time(api: Api, db: Database, shop: dict[str
     before = ok(till.post(f"{POS}/calculate", json=purchase("t1", created_at="2026-11-23T11:59:00+03:00")))
     after = ok(till.post(f"{POS}/calculate", json=purchase("t2", created_at="2026-11-23T09:00:00+00:00")))
     assert before["totals"]["discount"] == "0.00" and after["totals"]["discount"] == "20.00"
+
+
+def test_each_offer_spends_only_the_discount_it_gave(api: Api, db: Database, shop: dict[str, Any]) -> None:
+    """An offer's money budget counts what that offer took off the cheque: a bonus offer on the
+    same lines spends no money, and two summable discounts each count their own part (offers
+    without a budget keep no spending counters)."""
+    ten = add_offer(db, "10% in hypermarkets", HYPER_10, summable=True, budget_money=D("1000"))
+    fixed = add_offer(
+        db,
+        "15 off",
+        [
+            {
+                "event": "discount_calculation",
+                "filters": [],
+                "actions": [{"type": "discount", "kind": "amount", "value": "15"}],
+            }
+        ],
+        summable=True,
+        budget_money=D("1000"),
+    )
+    earn = add_offer(db, "5% back", EARN_5, summable=True, budget_money=D("1000"), budget_points=D("1000"))
+    answer = ok(shop["hyper"].post(f"{POS}/calculate", json=purchase("s1")))
+    assert answer["totals"]["discount"] == "35.00"  # 20 + 15 on a 200 cheque
+    ok(shop["hyper"].post(f"{POS}/confirm", json={"operation_id": "s1"}))
+    spent = {i: ok(api.get(f"{ADMIN}/offers/{i}")) for i in (ten, fixed, earn)}
+    assert spent[ten]["spent_money"] == "20.00" and spent[fixed]["spent_money"] == "15.00"
+    assert spent[earn]["spent_money"] == "0.00" and D(spent[earn]["spent_points"]) > 0

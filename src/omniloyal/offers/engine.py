@@ -207,6 +207,8 @@ class Result:
     explain: list[Explanation] = field(default_factory=list)
     max_write_off: dict[str, Decimal] = field(default_factory=dict)
     write_off: dict[str, Decimal] = field(default_factory=dict)
+    # Money each offer took off the cheque (its budget's spending), by offer id.
+    offer_discounts: dict[int, Decimal] = field(default_factory=dict)
 
     @property
     def discount_total(self) -> Decimal:
@@ -1314,7 +1316,10 @@ def _run_discounts(run: _Run) -> None:
                     total += _discount_for(action, lines[i], amounts[i], floors[i])
         return total
 
+    offer_discounts = run.result.offer_discounts
     for chain, targets in _select(run, "discount_calculation", benefit):
+        touched = states if targets is all_lines else [states[i] for i in targets]
+        before = sum([st.discount for st in touched], ZERO)
         for action in chain.floor_actions:
             for i in targets:
                 line = lines[i]
@@ -1347,6 +1352,10 @@ def _run_discounts(run: _Run) -> None:
                 for i in targets:
                     st = states[i]
                     st.discount += _discount_for(action, lines[i], st.amount - st.discount, st.floor)
+        given = sum([st.discount for st in touched], ZERO) - before
+        if given:
+            offer_id = chain.offer_id
+            offer_discounts[offer_id] = offer_discounts.get(offer_id, ZERO) + given
 
 
 def _run_write_off(run: _Run) -> None:

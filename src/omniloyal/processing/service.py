@@ -410,7 +410,12 @@ def _calculate(
             discount=result.discount_total,
             write_off=_amounts(result.write_off),
             accrual=_amounts(result.bonus_total()),
-            plan={"request_digest": digest, "accruals": _plan(result), "offers": result.applied_offers},
+            plan={
+                "request_digest": digest,
+                "accruals": _plan(result),
+                "offers": result.applied_offers,
+                "discounts": {str(k): f"{v:f}" for k, v in result.offer_discounts.items()},
+            },
             response=response.model_dump(mode="json", exclude={"explain"}),
             payments=[p.model_dump(mode="json") for p in request.cheque.payments],
             created_at=utcnow(),
@@ -575,10 +580,13 @@ def _offer_spending(
     points: dict[int, Decimal] = {}
     for item in operation.plan.get("accruals", []):
         points[int(item["offer_id"])] = points.get(int(item["offer_id"]), ZERO) + Decimal(item["amount"])
+    discounts = operation.plan.get("discounts")
+    if discounts is not None:  # what each offer itself took off, as the engine counted it
+        return points, {int(k): Decimal(v) for k, v in discounts.items()}
     money: dict[int, Decimal] = {}
     for line in lines:
         if line.discount and line.offers:
-            # A line's discount is counted against each offer that touched it, split evenly.
+            # Calculated before offers' own discounts were recorded: split evenly.
             share = (line.discount / len(line.offers)).quantize(CENT)
             for offer_id in line.offers:
                 money[offer_id] = money.get(offer_id, ZERO) + share
