@@ -642,6 +642,7 @@ def _run_write_off(snapshot: Snapshot, cheque: Cheque, ctx: _Context, result: Re
             for i in targets:
                 per_line[i] = min(states[i].amount_after_discount, per_line[i] + rule_cap(action, i))
 
+    applied_before = set(result.applied_offers)
     _select_and_apply(candidates, benefit, apply, result, explain)
     member = cheque.member
     for currency, per_line in caps.items():
@@ -662,6 +663,27 @@ def _run_write_off(snapshot: Snapshot, cheque: Cheque, ctx: _Context, result: Re
                 if part:
                     states[i].write_off[wanted] = part
             result.write_off[wanted] = granted
+    # A rule that wrote nothing off is not applied (unless its offer applied in an earlier phase).
+    rule_currencies: dict[int, set[str]] = {}
+    for cand in candidates:
+        for action in cand.chain.actions:
+            if action.type == "write_off_rule" and cand.chain.offer.id in result.applied_offers:
+                currency = str(action.params.get("currency", snapshot.default_currency))
+                rule_currencies.setdefault(cand.chain.offer.id, set()).add(currency)
+    unused = {
+        offer_id
+        for offer_id, currencies in rule_currencies.items()
+        if not currencies & set(result.write_off) and offer_id not in applied_before
+    }
+    if unused:
+        result.applied_offers[:] = [o for o in result.applied_offers if o not in unused]
+        for st in states:
+            st.offers[:] = [o for o in st.offers if o not in unused]
+        for explanation in result.explain:
+            if explanation.offer_id in unused and explanation.event == "write_off" and explanation.applied:
+                explanation.applied = False
+                explanation.reason = "no points written off"
+                explanation.lines = []
 
 
 def _run_bonuses(snapshot: Snapshot, cheque: Cheque, ctx: _Context, result: Result, explain: bool) -> None:

@@ -256,6 +256,13 @@ def test_write_off_is_capped_by_rule_balance_and_card() -> None:
     assert calculate(snap, cheque([line(1, "A", "100")], member=poor)).max_write_off == {"bonus": D("12.50")}
     not_activated = MemberFacts(1, card_state="issued", can_spend=False, available={"bonus": D("1000")})
     assert calculate(snap, cheque([line(1, "A", "100")], member=not_activated)).max_write_off == {"bonus": 0}
+    # The rule counts as applied (a use of the offer) only when points were written off.
+    assert result.applied_offers == [1] and result.lines[0].offers == [1]
+    browsing = calculate(snap, cheque([line(1, "A", "100")], member=rich), explain=True)
+    assert browsing.max_write_off == {"bonus": D("30.00")}
+    assert browsing.applied_offers == [] and browsing.lines[0].offers == []
+    (why,) = [e for e in browsing.explain if e.offer_id == 1]
+    assert (why.applied, why.reason) == (False, "no points written off")
 
 
 def test_points_are_earned_on_what_is_paid_in_money() -> None:

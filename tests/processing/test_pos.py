@@ -495,3 +495,19 @@ def test_each_offer_spends_only_the_discount_it_gave(api: Api, db: Database, sho
     spent = {i: ok(api.get(f"{ADMIN}/offers/{i}")) for i in (ten, fixed, earn)}
     assert spent[ten]["spent_money"] == "20.00" and spent[fixed]["spent_money"] == "15.00"
     assert spent[earn]["spent_money"] == "0.00" and D(spent[earn]["spent_points"]) > 0
+
+
+def test_a_write_off_rule_counts_a_use_only_when_points_pay(
+    api: Api, db: Database, shop: dict[str, Any]
+) -> None:
+    """ "Pay with points once per member": purchases paid in money do not use that once up."""
+    add_offer(db, "pay half, once", PAY_50, max_uses_per_member=1)
+    till = shop["hyper"]
+    for operation in ("m1", "m2"):
+        answer = ok(till.post(f"{POS}/calculate", json=purchase(operation)))
+        assert answer["max_write_off"] == {"bonus": "100.00"}
+        ok(till.post(f"{POS}/confirm", json={"operation_id": operation}))
+    ok(till.post(f"{POS}/calculate", json=purchase("p1", write_off="30")))
+    ok(till.post(f"{POS}/confirm", json={"operation_id": "p1"}))
+    # The one use is spent now: no more paying with points.
+    assert ok(till.post(f"{POS}/calculate", json=purchase("p2")))["max_write_off"] in ({}, {"bonus": "0"})

@@ -1396,7 +1396,9 @@ def _run_write_off(run: _Run) -> None:
             total += sum(per_line if chosen is all_lines else [per_line[i] for i in chosen], ZERO)
         return total
 
-    for chain, targets in _select(run, "write_off", benefit):
+    applied_before = set(result.applied_offers)
+    selected = _select(run, "write_off", benefit)
+    for chain, targets in selected:
         for action in chain.write_off_actions:
             per_line = caps.get(action.currency)
             if per_line is None:
@@ -1428,6 +1430,36 @@ def _run_write_off(run: _Run) -> None:
             # What is left to pay in money, for the points phase (only the wanted currency is written
             # off, so a line's part is all its write-off).
             run.paid = [amount - part if part else amount for amount, part in zip(after, parts, strict=True)]
+    _withdraw_unused_rules(run, selected, applied_before)
+
+
+def _withdraw_unused_rules(run: _Run, selected: _Selection, applied_before: set[int]) -> None:
+    """A write-off rule counts as applied only when points were written off in its currency: an
+    offer whose rules paid nothing is taken off its lines and off the applied offers, so its
+    per-member limit and its uses count real payments with points (the rule still set the
+    ``max_write_off`` the till shows). Offers applied in an earlier phase stay."""
+    written = run.result.write_off
+    used: set[int] = set()
+    unused: set[int] = set()
+    for chain, _ in selected:
+        if not chain.write_off_actions:
+            continue
+        if any(action.currency in written for action in chain.write_off_actions):
+            used.add(chain.offer_id)
+        else:
+            unused.add(chain.offer_id)
+    unused -= used | applied_before
+    if not unused:
+        return
+    result = run.result
+    result.applied_offers[:] = [o for o in result.applied_offers if o not in unused]
+    for offers in run.offers_of:
+        offers[:] = [o for o in offers if o not in unused]
+    for explanation in result.explain:
+        if explanation.offer_id in unused and explanation.event == "write_off" and explanation.applied:
+            explanation.applied = False
+            explanation.reason = "no points written off"
+            explanation.lines = []
 
 
 def _run_bonuses(run: _Run) -> None:
