@@ -125,10 +125,12 @@ def test_a_consumer_lingers_for_a_fuller_batch(bus: Bus) -> None:
     assert batches == [5] and time.monotonic() - started < 3
 
     bus.publish(events(1, start=10))
-    threading.Timer(0.3, lambda: bus.publish(events(1, start=11))).start()
+    later = threading.Timer(0.3, lambda: bus.publish(events(1, start=11)))
+    later.start()
     bus.consume("c", lambda b: batches.append(len(b)), max_batch=5, timeout=1)
     assert batches == [5, 1]
-    drain(bus, "c")
+    later.join()
+    assert [e.id for e in drain(bus, "c")] == ["purchase.confirmed:11"]
 
 
 def test_a_transient_failure_is_delivered_again(bus: Bus) -> None:
