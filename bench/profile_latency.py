@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 
-from ingest import BIN, SERVER, free_port, run, web_event
+from ingest import BIN, SERVER, free_port, run, wait_healthy, web_event
 
 SKUS = [(f"SKU{i:03d}", f"Food / Cat {i % 7}") for i in range(50)]
 
@@ -114,15 +114,7 @@ def main() -> None:
     )
     stop = threading.Event()
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        else:
-            raise SystemExit(f"server did not start; see {workdir / 'server.log'}")
+        wait_healthy(base, workdir / "server.log")
         admin = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30)
         members = seed(admin, args.members)
         pos_key = run([omniloyal, "keys", "create", "--role", "pos", "--store", "H1"], env)

@@ -14,9 +14,12 @@ with a natural unique key (an upsert by id) is; for the others ``idempotent(db, 
 records each handled id in ``consumed_events`` in the same transaction as the handler's own
 writes, so a redelivered event changes nothing.
 
+``register_job(name, consumer=..., interval=..., factory=...)`` attaches scheduled work to a
+consumer (``omniloyal.events.schedule``): it runs wherever that consumer runs.
+
 ``Runtime(settings, db).start()`` subscribes every registered consumer, then runs the outbox
-dispatcher and one thread per consumer until ``stop()``; ``drain()`` waits until everything
-written so far has been handled (tests, graceful shutdown).
+dispatcher, one thread per consumer and one per scheduled job until ``stop()``; ``drain()`` waits
+until everything written so far has been handled (tests, graceful shutdown).
 """
 
 from __future__ import annotations
