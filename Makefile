@@ -6,15 +6,20 @@ PYTHON ?= python3
 DEMO_MEMBERS ?= 5000
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint typecheck pytest install serve bench clean
+.PHONY: demo test lint typecheck pytest install serve bench clean constraints
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed
+
+# Records the installed versions as the ones `make install` keeps to (run after upgrading + make test).
+constraints: install
+	{ sed -n '1,3p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^omniloyal'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 # Migrates, loads the demo retailer if the store is empty, prints an admin key, serves on :8000.
 demo: install
