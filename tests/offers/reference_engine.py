@@ -642,8 +642,14 @@ def _run_write_off(snapshot: Snapshot, cheque: Cheque, ctx: _Context, result: Re
             for i in targets:
                 per_line[i] = min(states[i].amount_after_discount, per_line[i] + rule_cap(action, i))
 
+    applied: list[_Candidate] = []
+
+    def apply_and_note(cand: _Candidate, targets: list[int]) -> None:
+        applied.append(cand)
+        apply(cand, targets)
+
     applied_before = set(result.applied_offers)
-    _select_and_apply(candidates, benefit, apply, result, explain)
+    _select_and_apply(candidates, benefit, apply_and_note, result, explain)
     member = cheque.member
     for currency, per_line in caps.items():
         available = member.available.get(currency, ZERO) if member is not None and member.can_spend else ZERO
@@ -684,6 +690,14 @@ def _run_write_off(snapshot: Snapshot, cheque: Cheque, ctx: _Context, result: Re
                 explanation.applied = False
                 explanation.reason = "no points written off"
                 explanation.lines = []
+        for cand in applied:
+            if cand.chain.offer.id in unused:
+                for action in cand.chain.actions:
+                    text = str(action.params.get("text", ""))
+                    if action.type == "cheque_message" and text in result.cheque_messages:
+                        result.cheque_messages.remove(text)
+                    elif action.type == "cashier_message" and text in result.cashier_messages:
+                        result.cashier_messages.remove(text)
 
 
 def _run_bonuses(snapshot: Snapshot, cheque: Cheque, ctx: _Context, result: Result, explain: bool) -> None:

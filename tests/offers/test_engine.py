@@ -265,6 +265,29 @@ def test_write_off_is_capped_by_rule_balance_and_card() -> None:
     assert (why.applied, why.reason) == (False, "no points written off")
 
 
+def test_a_write_off_rule_shows_its_messages_only_when_points_paid() -> None:
+    texts = (
+        Rule("cheque_message", {"text": "Thank you for paying with points"}),
+        Rule("cashier_message", {"text": "Points used"}),
+    )
+    pay = Offer(
+        1,
+        "pay with points",
+        (Chain("write_off", (), (Rule("write_off_rule", {"max_percent": "50"}), *texts)),),
+    )
+    hello = Offer(
+        2, "hello", (Chain("discount_calculation", (), (Rule("cashier_message", {"text": "Points used"}),)),)
+    )
+    snap = Snapshot.build([pay, hello])
+    rich = MemberFacts(1, card_state="activated", can_spend=True, available={"bonus": D("1000")})
+    paid = calculate(snap, cheque([line(1, "A", "100")], member=rich, write_off=("bonus", "10")))
+    assert paid.cheque_messages == ["Thank you for paying with points"]
+    assert paid.cashier_messages == ["Points used", "Points used"]
+    unpaid = calculate(snap, cheque([line(1, "A", "100")], member=rich))
+    # The other offer's identical text stays: one occurrence per withdrawn rule goes.
+    assert unpaid.cheque_messages == [] and unpaid.cashier_messages == ["Points used"]
+
+
 def test_points_are_earned_on_what_is_paid_in_money() -> None:
     earn = Offer(
         1,

@@ -1455,11 +1455,22 @@ def _withdraw_unused_rules(run: _Run, selected: _Selection, applied_before: set[
     result.applied_offers[:] = [o for o in result.applied_offers if o not in unused]
     for offers in run.offers_of:
         offers[:] = [o for o in offers if o not in unused]
+    for chain, _ in selected:
+        if chain.offer_id in unused:  # its messages ("paid with points...") did not happen either
+            _drop_texts(result.cheque_messages, chain.cheque_texts)
+            _drop_texts(result.cashier_messages, chain.cashier_texts)
     for explanation in result.explain:
         if explanation.offer_id in unused and explanation.event == "write_off" and explanation.applied:
             explanation.applied = False
             explanation.reason = "no points written off"
             explanation.lines = []
+
+
+def _drop_texts(messages: list[str], texts: Sequence[str]) -> None:
+    """Takes one occurrence of each text off the messages (another offer may show the same)."""
+    for text in texts:
+        if text in messages:
+            messages.remove(text)
 
 
 def _run_bonuses(run: _Run) -> None:
