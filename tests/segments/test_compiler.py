@@ -14,6 +14,7 @@ from omniloyal.segments import compiler, tables
 from tests.segments.data import NOW, fill
 
 MOSCOW = {"type": "profile", "field": "city", "op": "eq", "value": "Moscow"}
+FEMALE = {"type": "profile", "field": "gender", "op": "eq", "value": "female"}
 
 # (id, tree, members expected among 1..4; member 5 was merged into 1 and never appears)
 CASES: list[tuple[str, dict[str, Any], set[int]]] = [
@@ -221,6 +222,19 @@ CASES: list[tuple[str, dict[str, Any], set[int]]] = [
         {"all": [{"type": "purchases"}, {"type": "purchases", "metric": "sum", "op": "lt", "value": 100}]},
         {2, 4},
     ),
+    # conditions on the member row narrow the subqueries beside them (exactly, negations too)
+    ("scoped-negation", {"all": [FEMALE, {"not": {"type": "purchases"}}]}, {3}),
+    ("scoped-zero", {"all": [FEMALE, {"type": "purchases", "metric": "sum", "op": "lt", "value": 100}]}, {3}),
+    (
+        "scoped-nested",
+        {
+            "all": [
+                {"type": "profile", "field": "gender", "op": "eq", "value": "male"},
+                {"any": [{"not": {"type": "purchases", "metric": "sum", "op": "lt", "value": 100}}, MOSCOW]},
+            ]
+        },
+        {4},
+    ),
     # a typical five-condition segment
     (
         "five-conditions",
@@ -300,6 +314,16 @@ def test_purchase_conditions_on_the_same_rows_share_one_scan() -> None:
     )
     sql = compiler.members_sql(node, compiler.Target(), CONTEXT)
     assert sql.count("FROM purchases") == 2
+
+
+def test_row_conditions_narrow_the_aggregates_beside_them() -> None:
+    """ "Women in Moscow with a purchase this year" groups the purchases of women in Moscow only."""
+    node = compiler.parse({"all": [MOSCOW, FEMALE, {"type": "purchases", "period": {"days": 365}}]})
+    sql = compiler.members_sql(node, compiler.Target(), CONTEXT)
+    purchases = sql[sql.index("FROM purchases") :]
+    assert "IN (SELECT m.member_id FROM members AS m WHERE" in purchases and "'female'" in purchases
+    alone = compiler.members_sql(compiler.parse({"type": "purchases"}), compiler.Target(), CONTEXT)
+    assert "FROM members AS m WHERE" not in alone[alone.index("FROM purchases") :]
 
 
 def test_the_sql_is_built_for_both_dialects() -> None:

@@ -813,12 +813,19 @@ def _false() -> exp.Expr:
     return exp.false()
 
 
+# Conditions compiled to a predicate on the member row alone (no subquery).
+_ROW_ONLY = (Profile, Attribute, Consent)
+
+
 class _Compiler:
     def __init__(self, target: Target, ctx: Context, only: Sequence[int] | None) -> None:
         self.t = target
         self.ctx = ctx
         self.only = sorted(set(only)) if only is not None else None
         self.stack: list[int] = []
+        # Conditions on the member row that an enclosing ``all`` also demands: every subquery
+        # below it reads only those members' rows (see all_of).
+        self.scope: list[exp.Expr] = []
 
     # ---- table references and literals per dialect
 
@@ -963,6 +970,13 @@ class _Compiler:
     def restrict(self, where: list[exp.Expr], column: str = "member_id") -> None:
         if self.only is not None:
             where.append(exp.In(this=_col(column), expressions=[_int(i) for i in self.only] or [exp.null()]))
+        if self.scope:
+            members = (
+                exp.select(_col("member_id", "m"))
+                .from_(self.table("members", "m"))
+                .where(exp.and_(*[c.copy() for c in self.scope]))
+            )
+            where.append(exp.In(this=_col(column), query=exp.Subquery(this=members)))
 
     def period_where(self, where: list[exp.Expr], column: str, period: Period) -> None:
         start, end = period.bounds(self.ctx.now)
@@ -1155,8 +1169,24 @@ class _Compiler:
         return self.grouped(table, where, having, matches_zero)
 
     def all_of(self, items: Sequence[Node]) -> exp.Expr:
-        """``all``: purchase conditions over the same rows (same period and filters) share one
-        scan, their conditions joined in one HAVING (when none holds for members without rows)."""
+        """``all``: the conditions on the member row narrow every subquery of the others (a
+        purchase or event aggregate then reads the rows of those members only: "women in Kazan
+        with 2+ purchases this year" groups their purchases, not everyone's); purchase conditions
+        over the same rows (same period and filters) share one scan, their conditions joined in
+        one HAVING (when none holds for members without rows).
+
+        Narrowing is exact: a member passes the ``all`` only if it passes the row conditions, and
+        for such a member "in the subquery" and "in the narrowed subquery" are the same."""
+        row = {id(i): self.node(i) for i in items if isinstance(i, _ROW_ONLY)}
+        if not row or len(row) == len(items):
+            return self._all_of(items, row)
+        self.scope.extend(row.values())
+        try:
+            return self._all_of(items, row)
+        finally:
+            del self.scope[-len(row) :]
+
+    def _all_of(self, items: Sequence[Node], done: dict[int, exp.Expr]) -> exp.Expr:
         shared: dict[tuple[Any, ...], list[Purchases]] = {}
         for item in items:
             if isinstance(item, Purchases):
@@ -1185,7 +1215,10 @@ class _Compiler:
         for item in items:
             if id(item) in skipped:
                 continue
-            out.append(exp.paren(fused[id(item)] if id(item) in fused else self.node(item)))
+            compiled = fused.get(id(item))
+            if compiled is None:
+                compiled = done[id(item)].copy() if id(item) in done else self.node(item)
+            out.append(exp.paren(compiled))
         return exp.and_(*out)
 
     def avg_having(self, total: exp.Expr, count: exp.Expr, cmp: Compare) -> exp.Expr:
