@@ -14,7 +14,7 @@ from omniloyal.db.engine import Database
 from omniloyal.events import consumers
 from omniloyal.events.outbox import envelope
 from omniloyal.kernel.clock import utcnow
-from omniloyal.segments import freshness
+from omniloyal.segments import freshness, service
 from tests.conftest import Api
 from tests.segments.helpers import (
     ADMIN,
@@ -183,3 +183,56 @@ def test_scheduled_jobs_rebuild_segments_and_rfm_where_the_consumer_runs(
     assert ok(api.get(f"{SEGMENTS}/{segment['id']}"))["member_count"] == 1
     assert [p["cause"] for p in ok(api.get(f"{SEGMENTS}/{segment['id']}/history"))] == ["scheduled"]
     recompute.factory(settings, db)()  # no purchases yet: an empty run, not a failure
+
+
+def test_a_batch_of_site_events_reruns_only_the_segments_that_read_events(
+    api: Api, db: Database, wh: Warehouse, monkeypatch: Any
+) -> None:
+    member = new_member(api, "1000", "Kazan")
+    deliver(db, wh, 0)
+    viewers = create(
+        api, {"type": "web", "action": "viewed_product", "values": ["MILK"], "period": {"days": 7}}
+    )
+    kazan = create(api, KAZAN)
+    # A segment built on the viewers' definition reads events too, through the reference.
+    kazan_viewers = create(api, {"all": [{"type": "segment", "segment": viewers["id"]}, KAZAN]})
+    for segment in (viewers, kazan, kazan_viewers):
+        ok(api.post(f"{SEGMENTS}/{segment['id']}/materialise"))
+    before = ok(api.get(f"{SEGMENTS}/{kazan['id']}"))
+    queried: list[object] = []
+    run = service._run_members
+    monkeypatch.setattr(service, "_run_members", lambda wh, query: queried.append(query) or run(wh, query))
+
+    view = envelope("v1", "product_view", member_id=member, source="web", properties={"sku": "MILK"})
+    freshness.handle(db, wh, [view])
+    assert len(queried) == 2  # viewers and kazan_viewers; the Kazan segment reads no events
+    for segment in (viewers, kazan_viewers):
+        items = ok(api.get(f"{SEGMENTS}/{segment['id']}/members"))["items"]
+        assert [m["member_id"] for m in items] == [member]
+    # Nothing the Kazan segment reads changed: it is as fresh as the batch, and says so.
+    assert ok(api.get(f"{SEGMENTS}/{kazan['id']}"))["refreshed_at"] > before["refreshed_at"]
+
+    # A batch with anything else in it (here the member moved) reruns every segment.
+    seq = last_seq(db)
+    api.patch(f"{ADMIN}/members/{member}", json={"city": "Moscow"})
+    queried.clear()
+    freshness.handle(
+        db, wh, [envelope("v2", "page_view", member_id=member, source="web"), *outbox(db, after=seq)]
+    )
+    assert len(queried) == 3
+    for segment in (kazan, kazan_viewers):
+        assert ok(api.get(f"{SEGMENTS}/{segment['id']}/members"))["items"] == []
+
+
+def test_what_a_batch_may_have_changed() -> None:
+    web = [envelope(f"e{i}", t, member_id=1) for i, t in enumerate(["page_view", "login", "identity.linked"])]
+    assert freshness.changed_tables(web) == {"events"}
+    assert freshness.changed_tables([*web, envelope("m", "message.clicked", member_id=1)]) == {"events"}
+    for other in (
+        "purchase.confirmed",
+        "points.accrued",
+        "member.updated",
+        "target_audience.changed",
+        "new.kind",
+    ):
+        assert freshness.changed_tables([*web, envelope("x", other, member_id=1)]) is None

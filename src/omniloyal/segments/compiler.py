@@ -970,7 +970,7 @@ class _Compiler:
     def restrict(self, where: list[exp.Expr], column: str = "member_id") -> None:
         if self.only is not None:
             where.append(exp.In(this=_col(column), expressions=[_int(i) for i in self.only] or [exp.null()]))
-        if self.scope:
+        if self.scope and self.only is None:  # a list of members narrows enough (and costs less)
             members = (
                 exp.select(_col("member_id", "m"))
                 .from_(self.table("members", "m"))

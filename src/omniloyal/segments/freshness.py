@@ -9,7 +9,9 @@ For each batch of envelopes:
    (balances, cards, status, contact quality), and audiences changed elsewhere are resynced;
 3. the touched members are re-evaluated against every active dynamic segment
    (``service.apply_events``): entries and exits are recorded, emitted to the outbox and
-   applied to synchronised audiences, and ``refreshed_at`` is stamped;
+   applied to synchronised audiences, and ``refreshed_at`` is stamped; a batch of site and app
+   events only (``changed_tables``) re-evaluates the segments that read events, the others are
+   only stamped (nothing they read changed);
 4. RFM scores of members whose purchases changed are recomputed with the last run's
    boundaries (``rfm.rescore``): a move into another group is an event.
 
@@ -29,6 +31,7 @@ from typing import Any
 from omniloyal.analytics import sink
 from omniloyal.analytics.warehouse import Warehouse, get_warehouse
 from omniloyal.db.engine import Database
+from omniloyal.events import tracking
 from omniloyal.events.envelope import EventEnvelope
 from omniloyal.segments import loyalty, service
 from omniloyal.segments import rfm as rfm  # explicit re-import: mypy misses it in the cycle via service
@@ -39,6 +42,8 @@ CONSUMER_NAME = "segments"
 # Events this consumer itself causes: they change no membership.
 OWN_PREFIXES = ("segment.", "rfm.")
 AUDIENCE_CHANGED = "target_audience.changed"
+# Types that only add rows to the warehouse's ``events`` table (or re-own them): see changed_tables.
+BEHAVIOUR_TYPES = tracking.WEB_TYPES | {sink.IDENTITY_LINKED}
 
 
 def handle(db: Database, wh: Warehouse, batch: list[EventEnvelope]) -> None:
@@ -56,10 +61,24 @@ def handle(db: Database, wh: Warehouse, batch: list[EventEnvelope]) -> None:
             if isinstance(code, str) and not loyalty.already_mirrored(code, event.occurred_at):
                 loyalty.sync_audience(db, wh, code)
     touched = {e.member_id for e in events if e.member_id is not None} | loaded.members
-    service.apply_events(db, wh, sorted(touched))
+    service.apply_events(db, wh, sorted(touched), changed=changed_tables(events))
     buyers = {e.member_id for e in events if e.member_id is not None and e.type.startswith("purchase.")}
     if buyers:
         rfm.rescore(db, wh, sorted(buyers))
+
+
+def changed_tables(events: list[EventEnvelope]) -> frozenset[str] | None:
+    """The warehouse tables segments read that this batch changed; None: possibly any.
+
+    Site, app and contact-centre events, message events and identity links (which re-own a
+    visitor's events) only add to or re-own rows of ``events``; everything else (purchases,
+    points, cards, member data, consents, audiences, merges, types not known here) may change
+    any table, so every segment is re-evaluated. Unknown means everything: a missed change
+    would leave a segment stale, a needless query only costs time."""
+    for e in events:
+        if e.type not in BEHAVIOUR_TYPES and not e.type.startswith("message."):
+            return None
+    return frozenset({"events"})
 
 
 def handler_for(db: Database, wh: Warehouse) -> Callable[[list[EventEnvelope]], None]:

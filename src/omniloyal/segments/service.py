@@ -22,7 +22,7 @@ import csv
 import io
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -30,8 +30,9 @@ from uuid import uuid4
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
+from sqlglot import exp
 
 from omniloyal.analytics.warehouse import Warehouse
 from omniloyal.auth.schemas import Principal
@@ -145,8 +146,22 @@ def member_ids(
 ) -> pa.Array:
     """Ids of the members ``node`` selects now (Arrow int64, ascending)."""
     tables.ensure(wh)
-    query = compiler.members_query(node, target_of(wh), context(db, node, now), only=only, order=True)
+    return _run_members(wh, _members_query(db, wh, node, only=only, now=now))
+
+
+def _members_query(
+    db: Database, wh: Warehouse, node: compiler.Node, *, only: Sequence[int] | None, now: datetime | None
+) -> exp.Select:
+    return compiler.members_query(node, target_of(wh), context(db, node, now), only=only, order=True)
+
+
+def _run_members(wh: Warehouse, query: exp.Select) -> pa.Array:
     return wh.query_arrow(_sql(wh, query)).column("member_id").combine_chunks().cast(pa.int64())
+
+
+def _reads(query: exp.Expr) -> set[str]:
+    """The warehouse tables a segment's query reads (referenced segments included)."""
+    return {table.name for table in query.find_all(exp.Table)}
 
 
 def count_of(db: Database, wh: Warehouse, node: compiler.Node, now: datetime | None = None) -> int:
@@ -668,9 +683,18 @@ def refresh_all(db: Database, wh: Warehouse) -> list[BuildOut]:
 
 
 def apply_events(
-    db: Database, wh: Warehouse, touched: Sequence[int], *, now: datetime | None = None
+    db: Database,
+    wh: Warehouse,
+    touched: Sequence[int],
+    *,
+    now: datetime | None = None,
+    changed: Collection[str] | None = None,
 ) -> list[BuildOut]:
-    """Re-evaluates the touched members against every active dynamic segment built before."""
+    """Re-evaluates the touched members against every active dynamic segment built before.
+
+    ``changed``: the warehouse tables the batch changed, when known (None: any). A segment that
+    reads none of them cannot have gained or lost anyone: it is not queried, only stamped as
+    brought up to date (a batch of page views does not rerun "women with 2+ purchases")."""
     members = sorted({int(m) for m in touched})
     if not members:
         return []
@@ -689,13 +713,19 @@ def apply_events(
         for row in rows:
             session.expunge(row)
     results = []
+    untouched: list[int] = []
+    tables.ensure(wh)
     for row in rows:
         with _lock(row.id):
             started = time.perf_counter()
             moment = now or utcnow()
             try:
                 node = compiler.parse(row.conditions)
-                ids = member_ids(db, wh, node, only=members, now=moment)
+                query = _members_query(db, wh, node, only=members, now=moment)
+                if changed is not None and not _reads(query) & set(changed):
+                    untouched.append(row.id)
+                    continue
+                ids = _run_members(wh, query)
                 current = _current(wh, row.id, members)
                 diff = _diff(ids, current)
                 results.append(
@@ -703,6 +733,11 @@ def apply_events(
                 )
             except Exception as exc:
                 _record_failure(db, row.id, exc)
+    if untouched:
+        with db.transaction() as session:
+            session.execute(
+                update(Segment).where(Segment.id.in_(untouched)).values(refreshed_at=now or utcnow())
+            )
     return results
 
 
