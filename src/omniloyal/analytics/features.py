@@ -6,9 +6,14 @@ channels used, last site visit, last app visit, last message opened / clicked, l
 
 Incremental: each sink batch refreshes only the members it touched.
 
-* Purchase features of the members whose purchases changed are recomputed from ``purchases``
-  and ``purchase_lines`` with one set-based query over those members (so refunds and
-  cancellations are exact, and a replay changes nothing).
+* Purchase features rest on per-member sums kept in the row (``purchase_spend``: count, total,
+  refunds, first and last purchase, spend per store, category and channel). On DuckDB a new
+  purchase is added to them (``purchase_deltas``, in the sink's transaction, so a replayed batch,
+  which the sink skips, adds nothing): the member's history is not read, which matters at scale
+  (at 100M purchases one recompute costs 1–4 s, as DuckDB's tables are not ordered by member).
+  Members with a refund or cancellation in the batch, rows that predate the sums, and every
+  buyer on ClickHouse (no such transaction; tables ordered by member) are recomputed from
+  ``purchases`` and ``purchase_lines`` with one set-based query over those members.
 * Activity features (visits, messages, channels) only grow, so they are merged from the batch:
   ``max(stored, newest in batch)``; a full recompute from ``events`` happens only for members
   whose history was rewritten (an anonymous visitor linked, a duplicate merged in).
@@ -20,7 +25,8 @@ store is the same net of refunds, ties broken by name.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import json
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -96,12 +102,23 @@ class Activity:
             self.channels.add(channel)
 
 
-def _later(a: datetime | None, b: datetime | None) -> datetime | None:
+def _either(
+    a: datetime | None, b: datetime | None, pick: Callable[[datetime, datetime], datetime]
+) -> datetime | None:
+    """``pick`` of two moments, either of which may be unknown."""
     if a is None:
         return b
     if b is None:
         return a
-    return max(a, b)
+    return pick(a, b)
+
+
+def _later(a: datetime | None, b: datetime | None) -> datetime | None:
+    return _either(a, b, max)
+
+
+def _earlier(a: datetime | None, b: datetime | None) -> datetime | None:
+    return _either(a, b, min)
 
 
 _PURCHASE_SQL = """
@@ -127,24 +144,21 @@ category_spend AS (
       AND member_id IN (SELECT member_id FROM {members})
     GROUP BY member_id, category
 ),
-ranked AS (
-    SELECT member_id, 'store' AS kind, store AS value,
-           row_number() OVER (PARTITION BY member_id ORDER BY spend DESC, store) AS rn
-    FROM store_spend
+channel_spend AS (
+    SELECT member_id, channel, sum(net - refunded) AS spend FROM p GROUP BY member_id, channel
+),
+spends AS (
+    SELECT member_id, 'store' AS kind, store AS value, spend FROM store_spend
     UNION ALL
-    SELECT member_id, 'category' AS kind, category AS value,
-           row_number() OVER (PARTITION BY member_id ORDER BY spend DESC, category) AS rn
-    FROM category_spend
+    SELECT member_id, 'category' AS kind, category AS value, spend FROM category_spend
     UNION ALL
-    SELECT member_id, 'channel' AS kind, channel AS value, 1 AS rn
-    FROM (SELECT DISTINCT member_id, channel FROM p) c
+    SELECT member_id, 'channel' AS kind, channel AS value, spend FROM channel_spend
 )
 SELECT t.member_id AS member_id, t.purchases_count AS purchases_count,
        t.purchases_total AS purchases_total, t.refunds_total AS refunds_total,
        t.first_purchase_at AS first_purchase_at, t.last_purchase_at AS last_purchase_at,
-       r.kind AS kind, r.value AS value, r.rn AS rn
-FROM totals t LEFT JOIN ranked r ON r.member_id = t.member_id
-WHERE r.rn IS NULL OR r.rn <= 3
+       r.kind AS kind, r.value AS value, r.spend AS spend
+FROM totals t LEFT JOIN spends r ON r.member_id = t.member_id
 """
 
 _ACTIVITY_SQL = """
@@ -173,36 +187,156 @@ def _members_data(ids: Iterable[int]) -> dict[str, dict[str, list[int]]]:
     return {"members": {"member_id": sorted({int(i) for i in ids})}}
 
 
-def purchase_features(wh: Warehouse, member_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
-    """Purchase features of these members, recomputed from the purchases (one query)."""
+@dataclass
+class Spend:
+    """A member's purchase sums: what the purchase features are made of, and what a new
+    purchase adds to (``PurchaseDelta``) without reading the member's history again."""
+
+    count: int = 0
+    total: Decimal = ZERO  # amount - discount of the purchases that count
+    refunds: Decimal = ZERO
+    first: datetime | None = None
+    last: datetime | None = None
+    # Spend net of refunds per store code, category path and channel.
+    stores: dict[str, Decimal] = field(default_factory=dict)
+    categories: dict[str, Decimal] = field(default_factory=dict)
+    channels: dict[str, Decimal] = field(default_factory=dict)
+
+    def add(self, other: Spend) -> None:
+        self.count += other.count
+        self.total += other.total
+        self.refunds += other.refunds
+        self.first = _earlier(self.first, other.first)
+        self.last = _later(self.last, other.last)
+        for mine, theirs in (
+            (self.stores, other.stores),
+            (self.categories, other.categories),
+            (self.channels, other.channels),
+        ):
+            for key, value in theirs.items():
+                mine[key] = mine.get(key, ZERO) + value
+
+    def features(self) -> dict[str, Any]:
+        total, refunds = quantize(self.total), quantize(self.refunds)
+        return {
+            "purchases_count": self.count,
+            "purchases_total": total,
+            "refunds_total": refunds,
+            "ltv": total - refunds,
+            "avg_cheque": quantize(total / self.count) if self.count else None,
+            "first_purchase_at": self.first,
+            "last_purchase_at": self.last,
+            "favourite_stores": _top(self.stores),
+            "favourite_categories": _top(self.categories),
+            "purchase_channels": sorted(self.channels),
+            "purchase_spend": self.to_json(),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "count": self.count,
+                "total": str(self.total),
+                "refunds": str(self.refunds),
+                "first": self.first.isoformat() if self.first else None,
+                "last": self.last.isoformat() if self.last else None,
+                "stores": {k: str(v) for k, v in self.stores.items()},
+                "categories": {k: str(v) for k, v in self.categories.items()},
+                "channels": {k: str(v) for k, v in self.channels.items()},
+            },
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str | None) -> Spend | None:
+        """The stored sums, or None when the row has none (written before they were kept)."""
+        if not text:
+            return None
+        raw = json.loads(text)
+
+        def moment(value: str | None) -> datetime | None:
+            return datetime.fromisoformat(value) if value else None
+
+        def sums(values: dict[str, str]) -> dict[str, Decimal]:
+            return {k: Decimal(v) for k, v in values.items()}
+
+        return cls(
+            count=int(raw["count"]),
+            total=Decimal(raw["total"]),
+            refunds=Decimal(raw["refunds"]),
+            first=moment(raw["first"]),
+            last=moment(raw["last"]),
+            stores=sums(raw["stores"]),
+            categories=sums(raw["categories"]),
+            channels=sums(raw["channels"]),
+        )
+
+
+def _top(spend: Mapping[str, Decimal]) -> list[str]:
+    """The names with the most spend, ties by name (as the recompute query ranks them)."""
+    return [name for name, _ in sorted(spend.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP]]
+
+
+def purchase_deltas(
+    purchases: Iterable[Mapping[str, Any]], lines: Iterable[Mapping[str, Any]]
+) -> dict[int, Spend]:
+    """What new confirmed purchases, not refunded or cancelled, add to their members' sums (rows
+    as the sink writes them to ``purchases`` and ``purchase_lines``)."""
+    out: dict[int, Spend] = {}
+    for p in purchases:
+        member = p["member_id"]
+        if member is None or p["status"] != "confirmed":
+            continue
+        net = p["amount"] - p["discount"]
+        spend = out.setdefault(member, Spend())
+        spend.add(
+            Spend(
+                count=1,
+                total=net,
+                first=p["cheque_at"],
+                last=p["cheque_at"],
+                stores={p["store"]: net} if p["store"] is not None else {},
+                channels={p["channel"]: net},
+            )
+        )
+    for line in lines:
+        member = line["member_id"]
+        if member is None or line["status"] != "confirmed" or line["category"] is None:
+            continue
+        categories = out.setdefault(member, Spend()).categories
+        categories[line["category"]] = (
+            categories.get(line["category"], ZERO) + line["amount"] - line["discount"]
+        )
+    return out
+
+
+def purchase_sums(wh: Warehouse, member_ids: Iterable[int]) -> dict[int, Spend]:
+    """The purchase sums of these members, recomputed from their purchases (one query)."""
     data = _members_data(member_ids)
     if not data["members"]["member_id"]:
         return {}
-    out: dict[int, dict[str, Any]] = {}
+    out: dict[int, Spend] = {}
     for row in wh.query(_PURCHASE_SQL, data=data):
         member = out.get(row["member_id"])
         if member is None:
-            count = int(row["purchases_count"])
-            total = quantize(Decimal(row["purchases_total"] or 0))
-            refunds = quantize(Decimal(row["refunds_total"] or 0))
-            member = out[row["member_id"]] = {
-                "purchases_count": count,
-                "purchases_total": total,
-                "refunds_total": refunds,
-                "ltv": total - refunds,
-                "avg_cheque": quantize(total / count) if count else None,
-                "first_purchase_at": row["first_purchase_at"],
-                "last_purchase_at": row["last_purchase_at"],
-                "_ranked": {"store": [], "category": [], "channel": []},
-            }
-        if row["kind"] is not None and row["value"] is not None:
-            member["_ranked"][row["kind"]].append((int(row["rn"]), row["value"]))
-    for member in out.values():
-        ranked = member.pop("_ranked")
-        member["favourite_stores"] = [v for _, v in sorted(ranked["store"])][:TOP]
-        member["favourite_categories"] = [v for _, v in sorted(ranked["category"])][:TOP]
-        member["purchase_channels"] = sorted({v for _, v in ranked["channel"]})
+            member = out[row["member_id"]] = Spend(
+                count=int(row["purchases_count"]),
+                total=Decimal(row["purchases_total"] or 0),
+                refunds=Decimal(row["refunds_total"] or 0),
+                first=row["first_purchase_at"],
+                last=row["last_purchase_at"],
+            )
+        kind, value = row["kind"], row["value"]
+        if kind is not None and value is not None:
+            {"store": member.stores, "category": member.categories, "channel": member.channels}[kind][
+                value
+            ] = Decimal(row["spend"] or 0)
     return out
+
+
+def purchase_features(wh: Warehouse, member_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
+    """Purchase features of these members, recomputed from the purchases (one query)."""
+    return {member: spend.features() for member, spend in purchase_sums(wh, member_ids).items()}
 
 
 def activity_features(wh: Warehouse, member_ids: Iterable[int]) -> dict[int, Activity]:
@@ -220,23 +354,11 @@ def activity_features(wh: Warehouse, member_ids: Iterable[int]) -> dict[int, Act
     return out
 
 
-_EMPTY_PURCHASES: dict[str, Any] = {
-    "purchases_count": 0,
-    "purchases_total": ZERO,
-    "refunds_total": ZERO,
-    "ltv": ZERO,
-    "avg_cheque": None,
-    "first_purchase_at": None,
-    "last_purchase_at": None,
-    "favourite_categories": [],
-    "favourite_stores": [],
-}
-
-
 def refresh(
     wh: Warehouse,
     *,
     purchase_members: Iterable[int] = (),
+    added: Mapping[int, Spend] | None = None,
     activity: Mapping[int, Activity] | None = None,
     rebuilt_members: Iterable[int] = (),
     removed_members: Iterable[int] = (),
@@ -244,15 +366,26 @@ def refresh(
 ) -> int:
     """Bring the features of the touched members up to date; returns how many rows were written.
 
-    ``purchase_members``: their purchases changed (recomputed). ``activity``: what the batch's
-    events showed per member (merged in). ``rebuilt_members``: their history was rewritten
-    (everything recomputed). ``removed_members``: merged away (their row is deleted).
+    ``purchase_members``: their purchases changed (recomputed from the purchases). ``added``:
+    what new purchases, neither refunded nor cancelled, add to these members' sums (see
+    ``purchase_deltas``): added to the stored sums, without reading their history (which at 100M
+    purchases costs seconds on DuckDB, where the purchases are not ordered by member); a member
+    whose stored row predates the sums is recomputed. ``activity``: what the batch's events showed
+    per member (merged in). ``rebuilt_members``: their history was rewritten (everything
+    recomputed). ``removed_members``: merged away (their row is deleted).
     """
     activity = activity or {}
+    added = dict(added or {})
+    if wh.dialect != "duckdb":
+        # Adding is exact only where the rows and the sums commit together: a ClickHouse batch
+        # retried after a partial load would add twice. Its tables are ordered by member, so the
+        # recompute reads just these members' rows there.
+        purchase_members = set(purchase_members) | set(added)
+        added = {}
     rebuilt = set(rebuilt_members)
     removed = set(removed_members)
     recompute = (set(purchase_members) | rebuilt) - removed
-    members = (recompute | set(activity) | rebuilt) - removed
+    members = (recompute | set(added) | set(activity) | rebuilt) - removed
     if removed:
         wh.delete("member_features", "member_id IN $ids", {"ids": sorted(removed)})
     if not members:
@@ -264,26 +397,41 @@ def refresh(
             data=_members_data(members),
         )
     }
-    purchases = purchase_features(wh, recompute)
+    sums: dict[int, Spend] = {}
+    for member_id, delta in added.items():
+        if member_id in recompute or member_id in removed:
+            continue  # recomputed from the rows, this batch's included
+        old = stored.get(member_id)
+        # No row yet: a new buyer, nothing to add to. A row without sums: written before they
+        # were kept, recomputed once.
+        base = Spend.from_json(old["purchase_spend"]) if old is not None else Spend()
+        if base is None:
+            recompute.add(member_id)
+            continue
+        base.add(delta)
+        sums[member_id] = base
+    sums.update(purchase_sums(wh, recompute))
     history = activity_features(wh, rebuilt)
     now = now or utcnow()
+    empty = Spend().features()
     rows = []
     for member_id in sorted(members):
         old = stored.get(member_id)
         row: dict[str, Any] = {"member_id": member_id}
-        # Purchase part: recomputed, or kept from the stored row.
-        if member_id in recompute:
-            computed = purchases.get(member_id)
-            row.update({k: v for k, v in (computed or _EMPTY_PURCHASES).items() if k != "purchase_channels"})
-            purchase_channels = set(computed["purchase_channels"]) if computed else set()
+        # Purchase part: recomputed or added to, else kept from the stored row.
+        if member_id in recompute or member_id in sums:
+            spend = sums.get(member_id)
+            computed = spend.features() if spend is not None else empty
+            row.update({k: v for k, v in computed.items() if k != "purchase_channels"})
+            purchase_channels = set(computed["purchase_channels"])
         else:
-            row.update({k: old[k] if old else v for k, v in _EMPTY_PURCHASES.items()})
+            row.update({k: old[k] if old else v for k, v in empty.items() if k != "purchase_channels"})
             purchase_channels = set(old["channels"]) - set(old["activity_channels"]) if old else set()
         # Activity part: rebuilt from events, or the stored values; then the batch merged in.
         if member_id in rebuilt:
-            base = history.get(member_id, Activity())
-            times: dict[str, datetime | None] = dict(base.times)
-            channels = set(base.channels)
+            base_activity = history.get(member_id, Activity())
+            times: dict[str, datetime | None] = dict(base_activity.times)
+            channels = set(base_activity.channels)
         else:
             times = {k: old[k] for k in _ACTIVITY_FIELDS} if old else {}
             channels = set(old["activity_channels"]) if old else set()
@@ -310,6 +458,7 @@ def member_features(wh: Warehouse, member_id: int) -> dict[str, Any] | None:
         return None
     row = rows[0]
     row.pop("activity_channels", None)
+    row.pop("purchase_spend", None)
     return row
 
 

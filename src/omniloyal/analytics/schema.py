@@ -345,6 +345,10 @@ MEMBER_FEATURES = TableDef(
         _t("last_message_clicked_at", null=True),
         _t("last_activity_at", null=True),
         _t("updated_at"),
+        # The running sums the favourites are ranked from ({"stores": {code: spend}, "categories":
+        # {path: spend}, "channels": [...]}, spend net of refunds): a new purchase is added to
+        # them instead of recomputing the member's history. Null: not known, recompute.
+        Column("purchase_spend", "json", nullable=True),
     ),
     key=("member_id",),
     version="updated_at",

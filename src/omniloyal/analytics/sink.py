@@ -699,7 +699,6 @@ def load(wh: Warehouse, batch: Sequence[EventEnvelope], *, refresh_features: boo
                 lines.extend(purchase_lines)
             elif e.type in (PURCHASE_REFUNDED, PURCHASE_CANCELLED):
                 adjustments.extend(_adjustment_rows(e, owners[e.id], now))
-        purchase_members = {p["member_id"] for p in purchases.values() if p["member_id"] is not None}
         if adjustments:
             wh.upsert("purchase_adjustments", adjustments)
         adjusted = {a["purchase_operation"] for a in adjustments}
@@ -711,8 +710,17 @@ def load(wh: Warehouse, batch: Sequence[EventEnvelope], *, refresh_features: boo
                 data={"ops": [{"operation": o} for o in purchases]},
             )
             adjusted |= {r["purchase_operation"] for r in early}
-        purchase_members |= _apply_adjustments(wh, adjusted, purchases, lines, now)
+        # Members with a refund or cancellation in the batch are recomputed from their purchases;
+        # new purchases of the others are added to their sums (features.refresh).
+        purchase_members = _apply_adjustments(wh, adjusted, purchases, lines, now)
         purchase_members |= {a["member_id"] for a in adjustments if a["member_id"] is not None}
+        purchase_members |= {
+            p["member_id"] for o, p in purchases.items() if o in adjusted and p["member_id"] is not None
+        }
+        added = features.purchase_deltas(
+            [p for o, p in purchases.items() if o not in adjusted],
+            [line for line in lines if line["operation"] not in adjusted],
+        )
         if purchases:
             wh.insert("purchases", list(purchases.values()))
         if lines:
@@ -747,6 +755,7 @@ def load(wh: Warehouse, batch: Sequence[EventEnvelope], *, refresh_features: boo
             features.refresh(
                 wh,
                 purchase_members=purchase_members,
+                added=added,
                 activity=activity,
                 rebuilt_members=relinked | kept,
                 removed_members=merged - kept,
@@ -763,7 +772,7 @@ def load(wh: Warehouse, batch: Sequence[EventEnvelope], *, refresh_features: boo
             received=len(batch),
             loaded=len(events),
             duplicates=len(batch) - len(events),
-            members=(purchase_members | set(activity) | relinked | kept) - (merged - kept),
+            members=(purchase_members | set(added) | set(activity) | relinked | kept) - (merged - kept),
         )
 
 
