@@ -322,8 +322,32 @@ def test_row_conditions_narrow_the_aggregates_beside_them() -> None:
     sql = compiler.members_sql(node, compiler.Target(), CONTEXT)
     purchases = sql[sql.index("FROM purchases") :]
     assert "IN (SELECT m.member_id FROM members AS m WHERE" in purchases and "'female'" in purchases
-    alone = compiler.members_sql(compiler.parse({"type": "purchases"}), compiler.Target(), CONTEXT)
+    lone = {"type": "purchases", "period": {"days": 365}}
+    alone = compiler.members_sql(compiler.parse(lone), compiler.Target(), CONTEXT)
     assert "FROM members AS m WHERE" not in alone[alone.index("FROM purchases") :]
+
+
+def test_all_time_conditions_on_every_purchase_read_the_kept_sums() -> None:
+    """ "LTV over 10,000", "bought at least once": the member's kept sums, not every purchase."""
+    for tree in (
+        {"type": "purchases"},
+        {"type": "purchases", "metric": "sum", "op": "gte", "value": 10000},
+        {"type": "purchases", "metric": "days_since_first", "op": "gte", "value": 40},
+    ):
+        sql = compiler.members_sql(compiler.parse(tree), compiler.Target(), CONTEXT)
+        assert "FROM member_features" in sql and "FROM purchases" not in sql
+    narrowed = compiler.members_sql(
+        compiler.parse({"type": "purchases", "channels": ["online_store"]}), compiler.Target(), CONTEXT
+    )
+    assert "FROM purchases" in narrowed
+
+
+@pytest.mark.parametrize(("tree", "expected"), [pytest.param(t, e, id=i) for i, t, e in CASES])
+def test_the_kept_sums_select_what_grouping_the_purchases_selects(
+    loaded: Warehouse, tree: dict[str, Any], expected: set[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(compiler, "_from_features", lambda node: False)
+    assert select(loaded, tree) == expected
 
 
 def test_the_sql_is_built_for_both_dialects() -> None:

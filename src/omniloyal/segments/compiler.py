@@ -813,6 +813,13 @@ def _false() -> exp.Expr:
     return exp.false()
 
 
+def _from_features(node: Purchases) -> bool:
+    """All time, every purchase: the member's kept sums answer it (``purchases_from_features``)."""
+    period = node.period
+    every = not (node.by_line or node.stores or node.store_formats or node.channels)
+    return every and period.days is None and period.start is None and period.end is None
+
+
 # Conditions compiled to a predicate on the member row alone (no subquery).
 _ROW_ONLY = (Profile, Attribute, Consent)
 
@@ -1164,9 +1171,32 @@ class _Compiler:
         return self.member_in(query.having(having))
 
     def leaf_purchases(self, node: Purchases) -> exp.Expr:
+        if _from_features(node):
+            return self.purchases_from_features(node)
         table, where, net, count = self.purchase_source(node)
         having, matches_zero = self.purchase_having(node, net, count)
         return self.grouped(table, where, having, matches_zero)
+
+    def purchases_from_features(self, node: Purchases) -> exp.Expr:
+        """An all-time condition on all purchases, read from the sums the warehouse keeps per
+        member (``member_features``: confirmed purchases, net of refunds, as the purchase rows
+        give them) instead of grouping every purchase of every member."""
+        count = _col("purchases_count")
+        cmp = node.cmp
+        if node.metric == "count":
+            having, matches_zero = self.compare(count, cmp, self.lit), _holds(cmp, 0)
+        elif node.metric == "sum":
+            having, matches_zero = self.compare(_col("ltv"), cmp, self.lit), _holds(cmp, Decimal(0))
+        elif node.metric == "avg":
+            positive = exp.GT(this=count.copy(), expression=_int(0))
+            having, matches_zero = exp.and_(positive, self.avg_having(_col("ltv"), count, cmp)), False
+        else:
+            moment = _col("last_purchase_at" if node.metric == "days_since_last" else "first_purchase_at")
+            having, matches_zero = self.compare(moment, _days_to_time(cmp, self.ctx.now), self.lit), False
+        where = [exp.Not(this=exp.paren(having)) if matches_zero else having]
+        self.restrict(where)
+        query = exp.select("member_id").from_(self.table("member_features")).where(exp.and_(*where))
+        return self.member_in(query, negate=matches_zero)
 
     def all_of(self, items: Sequence[Node]) -> exp.Expr:
         """``all``: the conditions on the member row narrow every subquery of the others (a
@@ -1189,7 +1219,7 @@ class _Compiler:
     def _all_of(self, items: Sequence[Node], done: dict[int, exp.Expr]) -> exp.Expr:
         shared: dict[tuple[Any, ...], list[Purchases]] = {}
         for item in items:
-            if isinstance(item, Purchases):
+            if isinstance(item, Purchases) and not _from_features(item):
                 key = (
                     item.by_line,
                     item.period,
