@@ -36,7 +36,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 
 from omniloyal.analytics.warehouse import Warehouse, open_warehouse
 from omniloyal.auth.schemas import Principal
@@ -46,6 +46,7 @@ from omniloyal.events.outbox import envelope
 from omniloyal.members.models import Member
 from omniloyal.offers.models import TargetAudience, TargetAudienceMember
 from omniloyal.segments import compiler, freshness, rfm, service, tables
+from omniloyal.segments.models import Segment
 from omniloyal.segments.schemas import AudienceExportIn, SegmentIn
 from omniloyal.settings import Settings
 
@@ -293,7 +294,11 @@ def main() -> None:
     rows: list[tuple[str, str, str, str]] = []
     try:
         console.print(f"{args.engine}: {scale} in {workdir}{' (reused)' if args.reuse else ''}")
-        if not args.reuse:
+        if args.reuse:
+            # An earlier run's segments would be kept fresh too, and slow this run's batch down.
+            with db.transaction() as session:
+                session.execute(update(Segment).values(status="archived"))
+        else:
             generated = fill(wh, workdir, args, now, console)
             rows.append(("generate the warehouse (SQL)", f"{generated:.1f} s", "", ""))
             meta = {"scale": scale, "engine": args.engine, "now": now.isoformat(), "operational": False}
