@@ -85,10 +85,10 @@ def test_a_failing_event_is_retried_then_dead_lettered_and_the_others_are_handle
     bus.subscribe("c", ["#"])
     sent = events(10)
     bus.publish(sent)
-    calls: list[str] = []
+    calls: list[list[str]] = []
 
     def handler(batch: list[EventEnvelope]) -> None:
-        calls.extend(e.id for e in batch)
+        calls.append([e.id for e in batch])
         if any(e.id == sent[3].id for e in batch):
             raise RuntimeError("poison")
 
@@ -101,8 +101,12 @@ def test_a_failing_event_is_retried_then_dead_lettered_and_the_others_are_handle
             break
     # The batch failed as a whole, then each event went alone: nine succeeded.
     assert sorted(handled) == sorted(e.id for e in sent if e.id != sent[3].id)
-    # The poison event was tried max_attempts (3) times, then set aside.
-    assert calls.count(sent[3].id) == 1 + 3
+    # The poison event failed its batch, was tried alone max_attempts (3) times, then set aside.
+    # (RabbitMQ may hand the first events over in two batches under load: the poison, sent back
+    # to the queue, can then fail a second batch before its last tries alone.)
+    poison = sent[3].id
+    assert sum(1 for batch in calls if batch == [poison]) == 3
+    assert any(poison in batch and len(batch) > 1 for batch in calls)
     assert bus.dead_letters("c") == 1 and bus.pending("c") == 0
     # Once the bug is fixed, dead letters can be replayed.
     assert bus.replay_dead_letters("c") == 1

@@ -226,8 +226,11 @@ def test_a_batch_of_site_events_reruns_only_the_segments_that_read_events(
 
 def test_what_a_batch_may_have_changed() -> None:
     web = [envelope(f"e{i}", t, member_id=1) for i, t in enumerate(["page_view", "login", "identity.linked"])]
-    assert freshness.changed_tables(web) == {"events"}
-    assert freshness.changed_tables([*web, envelope("m", "message.clicked", member_id=1)]) == {"events"}
+    assert freshness.changed_tables(web) == {"events", "member_features"}
+    assert freshness.changed_tables([*web, envelope("m", "message.clicked", member_id=1)]) == {
+        "events",
+        "member_features",
+    }
     for other in (
         "purchase.confirmed",
         "points.accrued",
