@@ -189,8 +189,8 @@ def _members_data(ids: Iterable[int]) -> dict[str, dict[str, list[int]]]:
 
 @dataclass
 class Spend:
-    """A member's purchase sums: what the purchase features are made of, and what a new
-    purchase adds to (``PurchaseDelta``) without reading the member's history again."""
+    """A member's purchase sums: what the purchase features are made of, and what a batch's
+    new purchases add to (``purchase_deltas``) without reading the member's history again."""
 
     count: int = 0
     total: Decimal = ZERO  # amount - discount of the purchases that count
@@ -201,6 +201,10 @@ class Spend:
     stores: dict[str, Decimal] = field(default_factory=dict)
     categories: dict[str, Decimal] = field(default_factory=dict)
     channels: dict[str, Decimal] = field(default_factory=dict)
+
+    def sums(self, kind: str) -> dict[str, Decimal]:
+        """Spend per ``store``, ``category`` or ``channel``."""
+        return {"store": self.stores, "category": self.categories, "channel": self.channels}[kind]
 
     def add(self, other: Spend) -> None:
         self.count += other.count
@@ -289,16 +293,13 @@ def purchase_deltas(
             continue
         net = p["amount"] - p["discount"]
         spend = out.setdefault(member, Spend())
-        spend.add(
-            Spend(
-                count=1,
-                total=net,
-                first=p["cheque_at"],
-                last=p["cheque_at"],
-                stores={p["store"]: net} if p["store"] is not None else {},
-                channels={p["channel"]: net},
-            )
-        )
+        spend.count += 1
+        spend.total += net
+        spend.first = _earlier(spend.first, p["cheque_at"])
+        spend.last = _later(spend.last, p["cheque_at"])
+        if p["store"] is not None:
+            spend.stores[p["store"]] = spend.stores.get(p["store"], ZERO) + net
+        spend.channels[p["channel"]] = spend.channels.get(p["channel"], ZERO) + net
     for line in lines:
         member = line["member_id"]
         if member is None or line["status"] != "confirmed" or line["category"] is None:
@@ -328,9 +329,7 @@ def purchase_sums(wh: Warehouse, member_ids: Iterable[int]) -> dict[int, Spend]:
             )
         kind, value = row["kind"], row["value"]
         if kind is not None and value is not None:
-            {"store": member.stores, "category": member.categories, "channel": member.channels}[kind][
-                value
-            ] = Decimal(row["spend"] or 0)
+            member.sums(kind)[value] = Decimal(row["spend"] or 0)
     return out
 
 

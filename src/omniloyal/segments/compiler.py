@@ -815,9 +815,8 @@ def _false() -> exp.Expr:
 
 def _from_features(node: Purchases) -> bool:
     """All time, every purchase: the member's kept sums answer it (``purchases_from_features``)."""
-    period = node.period
     every = not (node.by_line or node.stores or node.store_formats or node.channels)
-    return every and period.days is None and period.start is None and period.end is None
+    return every and node.period == Period()
 
 
 # Conditions compiled to a predicate on the member row alone (no subquery).

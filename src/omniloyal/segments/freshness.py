@@ -73,9 +73,9 @@ def changed_tables(events: list[EventEnvelope]) -> frozenset[str] | None:
     Site, app and contact-centre events, message events and identity links (which re-own a
     visitor's events) only add to or re-own rows of ``events`` and move the activity part of
     ``member_features`` (last visits; re-linked members' features are recomputed, their purchase
-    sums unchanged); everything else (purchases,
-    points, cards, member data, consents, audiences, merges, types not known here) may change
-    any table, so every segment is re-evaluated. Unknown means everything: a missed change
+    sums unchanged); everything else (purchases, points, cards, member data, consents,
+    audiences, merges, types not known here) may change any table, so every segment is
+    re-evaluated. Unknown means everything: a missed change
     would leave a segment stale, a needless query only costs time."""
     for e in events:
         if e.type not in BEHAVIOUR_TYPES and not e.type.startswith("message."):

@@ -714,6 +714,7 @@ def apply_events(
             session.expunge(row)
     results = []
     untouched: list[int] = []
+    read_by_batch = None if changed is None else set(changed)
     tables.ensure(wh)
     for row in rows:
         with _lock(row.id):
@@ -722,7 +723,7 @@ def apply_events(
             try:
                 node = compiler.parse(row.conditions)
                 query = _members_query(db, wh, node, only=members, now=moment)
-                if changed is not None and not _reads(query) & set(changed):
+                if read_by_batch is not None and not _reads(query) & read_by_batch:
                     untouched.append(row.id)
                     continue
                 ids = _run_members(wh, query)
